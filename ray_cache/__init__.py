@@ -1,0 +1,26 @@
+"""ray_cache: a read cache for Ray that makes remote training data feel local.
+
+Examples
+--------
+>>> import ray_cache  # doctest: +SKIP
+>>> ds = ray_cache.read_parquet("s3://bucket/train/")  # doctest: +SKIP
+>>> ray_cache.stats()["hits"]  # doctest: +SKIP
+0
+"""
+
+from .api import CacheStatus, read_parquet, shutdown, start, stats, status
+from .errors import CacheError, NotParquetError, ObjectChangedError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "read_parquet",
+    "start",
+    "shutdown",
+    "stats",
+    "status",
+    "CacheStatus",
+    "CacheError",
+    "NotParquetError",
+    "ObjectChangedError",
+]

@@ -1,0 +1,214 @@
+"""The public functions: ``read_parquet``, ``start``, ``shutdown``, ``stats``, ``status``.
+
+Thin on purpose: each resolves its inputs, finds the workers through
+:mod:`ray_cache.cluster` and hands the work to the layer below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import ray
+
+from . import cluster, underfs
+from .config import default_disk_dir, validate_capacity, validate_disk_dir
+from .datasource import CachedParquetDatasource
+
+log = logging.getLogger("ray_cache")
+
+PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+#: Counters summed over workers by :func:`stats`.
+STAT_FIELDS = (
+    "hits",
+    "misses",
+    "memory_hits",
+    "disk_hits",
+    "bytes_from_cache",
+    "bytes_from_under_store",
+    "requests_to_under_store",
+    "evictions",
+    "fallbacks",
+    "fallback_bytes",
+    "single_flight_waits",
+    "errors",
+)
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+
+
+def start(
+    *,
+    memory_bytes: Optional[int] = None,
+    disk_bytes: Optional[int] = None,
+    disk_dir: Optional[str] = None,
+    nodes: str = "auto",
+) -> List[cluster.WorkerRef]:
+    """Start (or attach to) one cache worker per cache node.
+
+    Call it again to add workers on nodes that joined; running workers keep their
+    contents, and capacities given here are applied to them at once.
+
+    Parameters
+    ----------
+    memory_bytes : int, optional
+        Memory-tier capacity per worker; default 30% of the node's object store.
+    disk_bytes : int, optional
+        Disk-tier capacity per worker; default a quarter of the free disk, at most 64 GiB.
+    disk_dir : str, optional
+        Disk-tier root; default ``$RAY_CACHE_DIR`` or ``~/.cache/ray_cache``.
+    nodes : str
+        ``"auto"`` (GPU nodes, or all nodes when none has a GPU), ``"all"``, ``"gpu"``,
+        or ``"resource:NAME"``.
+
+    Examples
+    --------
+    >>> import ray_cache
+    >>> workers = ray_cache.start(memory_bytes=2 << 30, disk_bytes=20 << 30)  # doctest: +SKIP
+    """
+    memory_bytes = validate_capacity("memory_bytes", memory_bytes)
+    disk_bytes = validate_capacity("disk_bytes", disk_bytes)
+    root = validate_disk_dir(disk_dir or default_disk_dir())
+    _ensure_ray()
+    return cluster.ensure_workers(memory_bytes, disk_bytes, root, nodes=nodes)
+
+
+def _workers() -> List[cluster.WorkerRef]:
+    _ensure_ray()
+    workers = cluster.live_workers()
+    if not workers or len(workers) < len(cluster.cache_nodes("auto")):
+        workers = start()
+    return workers
+
+
+def shutdown() -> int:
+    """Stop every cache worker (disk tiers stay on disk for the next start).
+
+    Returns the number of workers stopped.
+
+    Examples
+    --------
+    >>> import ray_cache
+    >>> ray_cache.shutdown()  # doctest: +SKIP
+    1
+    """
+    if not ray.is_initialized():
+        return 0
+    return cluster.stop_workers()
+
+
+def read_parquet(
+    paths: PathArg,
+    *,
+    columns: Optional[Sequence[str]] = None,
+    filesystem: Any = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+    override_num_blocks: Optional[int] = None,
+    **kwargs: Any,
+) -> "ray.data.Dataset":
+    """Read Parquet through the cache: the first read fills it, later reads come from it.
+
+    Parameters
+    ----------
+    paths : str or list of str
+        A file, a list of files, a directory or prefix, or a glob; local paths,
+        ``file://``, ``s3://``, ``gs://``, ``abfs://`` and whatever fsspec reaches.
+    columns : list of str, optional
+        Read and cache only these columns.
+    filesystem : fsspec or pyarrow filesystem, optional
+        Filesystem to read with, e.g. ``s3fs.S3FileSystem(...)``.
+    storage_options : dict, optional
+        fsspec options used when ``filesystem`` is None.
+    override_num_blocks : int, optional
+        Number of read tasks (default: Ray Data's choice, at most one per cache unit).
+    **kwargs
+        Passed on to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``, ...).
+
+    Returns
+    -------
+    ray.data.Dataset
+        Rows and schema equal to what pyarrow reads from the same files; the dataset is
+        a snapshot of the objects' versions at this call.
+
+    Examples
+    --------
+    >>> import ray_cache
+    >>> ds = ray_cache.read_parquet("s3://bucket/train/", columns=["x", "y"])  # doctest: +SKIP
+    >>> ds.count()  # doctest: +SKIP
+    1000000
+    """
+    if columns is not None:
+        if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+            raise ValueError(f"columns must be a list of column names, got {columns!r}")
+    fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
+    objects = underfs.list_objects(fs, stripped, suffixes=(".parquet", ".parq"))
+    workers = _workers()
+    source = CachedParquetDatasource(fs, objects, workers, columns=columns)
+    return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, **kwargs)
+
+
+def stats() -> Dict[str, int]:
+    """Counters summed over all live workers.
+
+    Returns
+    -------
+    dict
+        ``hits``, ``misses``, ``bytes_from_cache``, ``bytes_from_under_store``,
+        ``evictions``, ``fallbacks`` and more (see ``STAT_FIELDS``).
+
+    Examples
+    --------
+    >>> import ray_cache
+    >>> ray_cache.stats()["hits"]  # doctest: +SKIP
+    32
+    """
+    total = {f: 0 for f in STAT_FIELDS}
+    for record in status().workers:
+        for f in STAT_FIELDS:
+            total[f] += int(record.get(f, 0))
+    return total
+
+
+@dataclass
+class CacheStatus:
+    """What the cache holds now: one record (a dict) per live worker."""
+
+    workers: List[Dict[str, Any]] = field(default_factory=list)
+
+    def _repr_html_(self) -> str:
+        from .display import status_html
+
+        return status_html(self)
+
+    def __repr__(self) -> str:
+        from .display import status_text
+
+        return status_text(self)
+
+
+def status(timeout: float = 10.0) -> CacheStatus:
+    """One record per live worker: node, capacities, usage, entries, hits, misses.
+
+    Examples
+    --------
+    >>> import ray_cache
+    >>> [w["node_id"][:8] for w in ray_cache.status().workers]  # doctest: +SKIP
+    ['5f3a9c1e']
+    """
+    if not ray.is_initialized():
+        return CacheStatus([])
+    workers = cluster.live_workers()
+    calls = [w.handle.status.remote() for w in workers]
+    records = []
+    for w, call in zip(workers, calls):
+        try:
+            records.append(ray.get(call, timeout=timeout))
+        except Exception as exc:  # noqa: BLE001 - a dead worker is reported, not raised
+            records.append({"node_id": w.node_id, "error": type(exc).__name__})
+    return CacheStatus(records)

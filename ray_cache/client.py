@@ -1,0 +1,125 @@
+"""Routing reads to the workers that own their keys, and falling back when one is gone.
+
+For each key the owner is chosen by rendezvous hashing over the live workers' names, the
+same in every process. Requests to one owner go in one streaming call, answered in order
+while later misses are still being fetched. If the owner dies or stops answering, the
+reader fetches the unit from the store itself, counts that fallback (reported to a
+surviving worker so ``stats()`` shows it) and logs it once per worker: never a hang, never
+a wrong row, never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import pyarrow as pa
+import ray
+from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
+
+from . import fetch, hashing
+from .cluster import WorkerRef
+from .config import WORKER_TIMEOUT_S
+from .errors import CacheError
+from .fetch import UnitRequest
+from .keys import StoreObject
+
+log = logging.getLogger("ray_cache.client")
+
+#: Failures that mean "this worker (or the node under it) is gone", not "bad input".
+WORKER_GONE = (RayActorError, OwnerDiedError, ObjectLostError, GetTimeoutError)
+_warned: set = set()
+
+
+def _warn_once(name: str, exc: BaseException) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        log.warning(
+            "ray_cache: worker %s unavailable (%s); reading its keys from the store",
+            name,
+            type(exc).__name__,
+        )
+
+
+def _report_fallback(workers: Sequence[WorkerRef], dead: str, units: int, nbytes: int) -> None:
+    for w in workers:
+        if w.name != dead:
+            try:
+                w.handle.note_fallback.remote(units, nbytes)
+                return
+            except Exception:  # noqa: BLE001 - best effort; the log line still shows it
+                continue
+
+
+def footers(fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef]) -> List[bytes]:
+    """Footer bytes for each object, through the owning workers (store on fallback)."""
+    names = [w.name for w in workers]
+    by_owner: Dict[int, List[int]] = {}
+    for i, obj in enumerate(objects):
+        digest = fetch.footer_key(obj).digest
+        by_owner.setdefault(hashing.owner(digest, names), []).append(i)
+    calls = {
+        o: workers[o].handle.footers.remote(fs, [objects[i] for i in idx])
+        for o, idx in by_owner.items()
+    }
+    out: List[Optional[bytes]] = [None] * len(objects)
+    for o, idx in by_owner.items():
+        try:
+            results = ray.get(calls[o], timeout=WORKER_TIMEOUT_S)
+        except WORKER_GONE as exc:
+            _warn_once(workers[o].name, exc)
+            results = [_direct_footer(fs, objects[i]) for i in idx]
+            _report_fallback(workers, workers[o].name, len(idx), 0)
+        for i, res in zip(idx, results):
+            if isinstance(res, BaseException):
+                raise res
+            out[i] = res
+    return out  # type: ignore[return-value]
+
+
+def _direct_footer(fs: Any, obj: StoreObject) -> Any:
+    try:
+        return fetch.read_footer(fs, obj)
+    except Exception as exc:  # noqa: BLE001 - raised by the caller, like a worker's answer
+        return exc
+
+
+def read_units(
+    fs: Any, requests: Sequence[UnitRequest], workers: Sequence[WorkerRef]
+) -> Iterator[pa.Table]:
+    """Yield the table of each request, in order, through the owning workers."""
+    names = [w.name for w in workers]
+    owners = [hashing.owner(r.key.digest, names) if names else -1 for r in requests]
+    streams: Dict[int, Iterator] = {}
+    for o in sorted(set(owners)):
+        if o < 0:
+            continue
+        batch = [r for r, ow in zip(requests, owners) if ow == o]
+        try:
+            streams[o] = iter(workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch))
+        except WORKER_GONE:
+            pass
+    dead: set = set()
+    for req, o in zip(requests, owners):
+        table = None
+        if o >= 0 and o not in dead and o in streams:
+            try:
+                table = _from_worker(streams[o])
+            except WORKER_GONE + (StopIteration,) as exc:
+                dead.add(o)
+                _warn_once(workers[o].name, exc)
+        if table is None:
+            table = fetch.read_unit(fs, req)
+            if o >= 0:
+                _report_fallback(workers, workers[o].name, 1, table.nbytes)
+        yield table
+
+
+def _from_worker(stream: Iterator) -> pa.Table:
+    item = ray.get(next(stream), timeout=WORKER_TIMEOUT_S)
+    if item[0] == "err":
+        raise item[1]
+    return ray.get(item[1][0], timeout=WORKER_TIMEOUT_S)
+
+
+__all__ = ["read_units", "footers", "WORKER_GONE", "CacheError"]

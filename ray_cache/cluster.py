@@ -1,0 +1,139 @@
+"""Which nodes get cache workers; starting, finding and listing those workers.
+
+Workers are named (``worker-<node id>``), detached actors in the ``ray_cache``
+namespace, pinned to their node with a hard node-affinity strategy, taking no CPU or
+GPU. A new driver attaches to them by name; Ray itself is the membership service.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .config import MEMORY_FRACTION, NAMESPACE, WorkerConfig
+from .worker import CacheWorker
+
+log = logging.getLogger("ray_cache.cluster")
+
+#: How ``start(nodes=...)`` may choose cache nodes.
+NODE_SELECTORS = ("auto", "all", "gpu")
+
+
+@dataclass(frozen=True)
+class WorkerRef:
+    """A live worker: its node and its actor handle."""
+
+    node_id: str
+    name: str
+    handle: Any
+
+
+def worker_name(node_id: str) -> str:
+    return f"worker-{node_id}"
+
+
+def cache_nodes(nodes: str = "auto") -> List[Dict[str, Any]]:
+    """Alive nodes that should hold a worker.
+
+    ``"auto"``: nodes with GPUs, or every node when none has one; ``"all"``; ``"gpu"``;
+    ``"resource:NAME"``: nodes offering custom resource NAME.
+    """
+    alive = [n for n in ray.nodes() if n.get("Alive") or n.get("alive")]
+    if nodes == "all":
+        return alive
+    if nodes.startswith("resource:"):
+        name = nodes.split(":", 1)[1]
+        return [n for n in alive if n.get("Resources", {}).get(name, 0) > 0]
+    gpu = [n for n in alive if n.get("Resources", {}).get("GPU", 0) > 0]
+    if nodes == "gpu":
+        return gpu
+    if nodes == "auto":
+        return gpu or alive
+    raise ValueError(f"nodes must be one of {NODE_SELECTORS} or 'resource:NAME', got {nodes!r}")
+
+
+def _actor_class():
+    return ray.remote(CacheWorker)
+
+
+def ensure_workers(
+    memory_bytes: Optional[int],
+    disk_bytes: Optional[int],
+    disk_dir: str,
+    nodes: str = "auto",
+    policy: str = "lru",
+) -> List[WorkerRef]:
+    """Start a worker on every cache node that has none; attach to the others.
+
+    Returns the live workers. Existing workers keep their contents; when capacities are
+    given explicitly they are applied to them at run time.
+    """
+    cls = _actor_class()
+    created, refs = [], []
+    for node in cache_nodes(nodes):
+        node_id = node["NodeID"]
+        name = worker_name(node_id)
+        try:
+            handle = ray.get_actor(name, namespace=NAMESPACE)
+            fresh = False
+        except ValueError:
+            store = int(node.get("Resources", {}).get("object_store_memory", 2 * 1024**3))
+            cfg = WorkerConfig(
+                memory_bytes=memory_bytes or max(64 * 1024**2, int(store * MEMORY_FRACTION)),
+                disk_bytes=disk_bytes or 0,
+                disk_dir=disk_dir,
+                policy=policy,
+            )
+            handle = cls.options(
+                name=name,
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=64,
+                max_restarts=-1,
+                max_task_retries=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(cfg.to_dict(), node_id)
+            fresh = True
+        if fresh:
+            created.append(handle.ping.remote())
+        elif memory_bytes or disk_bytes:
+            created.append(handle.configure.remote(memory_bytes, disk_bytes))
+        refs.append(WorkerRef(node_id, name, handle))
+    ray.get(created)
+    return refs
+
+
+def live_workers() -> List[WorkerRef]:
+    """Workers on alive nodes, found by name (no process-local registry)."""
+    out = []
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive") or n.get("alive")}
+    for info in ray.util.list_named_actors(all_namespaces=True):
+        if info.get("namespace") != NAMESPACE or not info["name"].startswith("worker-"):
+            continue
+        node_id = info["name"][len("worker-") :]
+        if node_id not in alive:
+            continue
+        try:
+            handle = ray.get_actor(info["name"], namespace=NAMESPACE)
+        except ValueError:
+            continue
+        out.append(WorkerRef(node_id, info["name"], handle))
+    return sorted(out, key=lambda w: w.name)
+
+
+def stop_workers() -> int:
+    """Kill every worker (their disk tiers stay on disk); returns how many."""
+    workers = live_workers()
+    for w in workers:
+        try:
+            ray.get(w.handle.flush.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - a dead worker has nothing to flush
+            pass
+        ray.kill(w.handle, no_restart=True)
+    return len(workers)

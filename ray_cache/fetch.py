@@ -1,0 +1,87 @@
+"""Reading one cache unit straight from the under store: ranges, version check, decode.
+
+Used by a worker on a miss and by a reader that falls back to the store when the
+worker that owns the unit is gone, so both produce exactly the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import parquet, underfs
+from .errors import ObjectChangedError
+from .keys import EntryKey, StoreObject
+
+
+@dataclass(frozen=True)
+class UnitRequest:
+    """What a reader asks of a worker: one run of row groups of one object version."""
+
+    key: EntryKey
+    obj: StoreObject
+    footer: bytes
+    unit: parquet.Unit
+    columns: Optional[Tuple[str, ...]]
+
+
+#: Called with (requests, bytes) after each fetch, to count traffic to the store.
+Counter = Callable[[int, int], None]
+
+
+def fetcher(fs: Any, obj: StoreObject, count: Optional[Counter] = None) -> parquet.Fetcher:
+    """A :data:`ray_cache.parquet.Fetcher` reading ``obj`` through ``fs``."""
+
+    def fetch(ranges: Sequence[Tuple[int, int]]) -> List[bytes]:
+        blobs = underfs.read_ranges(fs, obj.path, ranges)
+        if count is not None:
+            count(len(ranges), sum(len(b) for b in blobs))
+        return blobs
+
+    return fetch
+
+
+def check_version(fs: Any, obj: StoreObject) -> None:
+    """Raise :class:`ObjectChangedError` unless the store still reports ``obj.version``.
+
+    Called after fetching: bytes belong to the planned version only if the store still
+    reports it, so a rewrite during a read is never cached or returned as the old data.
+    """
+    now = underfs.current_version(fs, obj.path)
+    if now != obj.version:
+        raise ObjectChangedError(
+            f"{obj.url} changed in the store while it was read "
+            f"(planned version {obj.version}, now {now}); read it again"
+        )
+
+
+def footer_key(obj: StoreObject) -> EntryKey:
+    """The cache key of an object's footer bytes."""
+    return EntryKey(obj.protocol, obj.path, obj.version, "footer")
+
+
+def read_footer(fs: Any, obj: StoreObject, count: Optional[Counter] = None) -> bytes:
+    """Footer bytes of a Parquet object of the planned version."""
+    footer = parquet.parse_footer(obj.url, obj.size, fetcher(fs, obj, count))
+    check_version(fs, obj)
+    return footer
+
+
+def read_unit(
+    fs: Any,
+    req: UnitRequest,
+    meta: Optional[pq.FileMetaData] = None,
+    count: Optional[Counter] = None,
+) -> pa.Table:
+    """Fetch and decode one unit of the planned version."""
+    obj = req.obj
+    if meta is None:
+        meta = parquet.read_metadata(obj.url, obj.size, req.footer)
+    ranges = parquet.unit_ranges(meta, req.unit, req.columns)
+    blobs = fetcher(fs, obj, count)(ranges)
+    check_version(fs, obj)
+    segments = {start: blob for (start, _end), blob in zip(ranges, blobs)}
+    return parquet.decode_unit(obj.size, req.footer, meta, req.unit, req.columns, segments)

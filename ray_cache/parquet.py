@@ -1,0 +1,200 @@
+"""Parquet: footers, planning row-group runs, the byte ranges they span, decoding to Arrow.
+
+Decoding needs only the footer and the bytes of the selected column chunks; we fetch
+exactly those ranges (merged when close) and hand pyarrow a sparse file made of them, so
+a cache miss costs one request per run of row groups rather than one per page.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import NotParquetError
+
+MAGIC = b"PAR1"
+#: Bytes read from the end of an object to find its footer in one request, usually.
+FOOTER_GUESS = 64 * 1024
+#: Ranges closer than this are fetched as one request.
+MERGE_GAP = 1024 * 1024
+
+#: ``fetch(ranges) -> list of bytes``: how this module asks the store for bytes.
+Fetcher = Callable[[Sequence[Tuple[int, int]]], List[bytes]]
+
+
+class _SparseFile(io.RawIOBase):
+    """A read-only file of ``size`` bytes of which only some segments are known.
+
+    pyarrow reads only the footer and the selected column chunks; a read outside the
+    known segments raises ``OSError``, which means the plan and pyarrow disagree.
+    """
+
+    def __init__(self, size: int, segments: Dict[int, bytes]):
+        self._size = size
+        self._segments = sorted(segments.items())
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        want = min(len(buf), self._size - self._pos)
+        if want <= 0:
+            return 0
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < want:
+            pos = self._pos + done
+            for start, data in self._segments:
+                if start <= pos < start + len(data):
+                    take = min(want - done, start + len(data) - pos)
+                    view[done : done + take] = data[pos - start : pos - start + take]
+                    done += take
+                    break
+            else:
+                raise OSError(f"read of {want} bytes at {self._pos} outside the fetched ranges")
+        self._pos += want
+        return want
+
+
+def parse_footer(name: str, size: int, fetch: Fetcher) -> bytes:
+    """Fetch the tail of a Parquet object: at least its footer, and up to 64 KiB.
+
+    Raises :class:`NotParquetError` naming ``name`` when the object is not Parquet.
+    """
+    if size < 12:
+        raise NotParquetError(f"{name} is not a Parquet file (only {size} bytes)")
+    start = max(0, size - FOOTER_GUESS)
+    tail = fetch([(start, size)])[0]
+    if tail[-4:] != MAGIC:
+        raise NotParquetError(f"{name} is not a Parquet file (no PAR1 magic at its end)")
+    (meta_len,) = struct.unpack("<I", tail[-8:-4])
+    need = meta_len + 8
+    if need > size - 4:
+        raise NotParquetError(f"{name} is not a Parquet file (footer length {meta_len} too big)")
+    if need > len(tail):
+        tail = fetch([(size - need, size)])[0]
+    # Keep the whole tail: pyarrow itself reads the last 64 KiB when it opens a file.
+    return bytes(tail)
+
+
+def read_metadata(name: str, size: int, footer: bytes) -> pq.FileMetaData:
+    """Parse footer bytes (from :func:`parse_footer`) into pyarrow metadata."""
+    try:
+        return pq.ParquetFile(_SparseFile(size, {size - len(footer): footer})).metadata
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise NotParquetError(f"{name} is not a readable Parquet file: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A run ``[start, stop)`` of row groups of one object: one cache entry."""
+
+    start: int
+    stop: int
+    num_rows: int
+    nbytes: int
+
+
+def plan_units(meta: pq.FileMetaData, target_bytes: int) -> List[Unit]:
+    """Group consecutive row groups into runs of at most ``target_bytes`` (uncompressed).
+
+    Deterministic for a given footer, so every reader computes the same keys.
+
+    Examples
+    --------
+    >>> import pyarrow as pa, pyarrow.parquet as pq, io
+    >>> buf = io.BytesIO(); pq.write_table(pa.table({"x": range(100)}), buf, row_group_size=10)
+    >>> meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    >>> [(u.start, u.stop) for u in plan_units(meta, target_bytes=1)][:3]
+    [(0, 1), (1, 2), (2, 3)]
+    >>> len(plan_units(meta, target_bytes=1 << 30))
+    1
+    """
+    units: List[Unit] = []
+    start, rows, nbytes = 0, 0, 0
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        if i > start and nbytes + rg.total_byte_size > target_bytes:
+            units.append(Unit(start, i, rows, nbytes))
+            start, rows, nbytes = i, 0, 0
+        rows += rg.num_rows
+        nbytes += rg.total_byte_size
+    if meta.num_row_groups:
+        units.append(Unit(start, meta.num_row_groups, rows, nbytes))
+    return units
+
+
+def column_indices(meta: pq.FileMetaData, columns: Optional[Sequence[str]]) -> Optional[List[int]]:
+    """Leaf column indices for top-level ``columns`` (``None``: all)."""
+    if columns is None:
+        return None
+    wanted = set(columns)
+    out = []
+    for i in range(meta.num_columns):
+        path = meta.schema.column(i).path
+        if path.split(".")[0] in wanted:
+            out.append(i)
+    return out
+
+
+def unit_ranges(
+    meta: pq.FileMetaData, unit: Unit, columns: Optional[Sequence[str]]
+) -> List[Tuple[int, int]]:
+    """Byte ranges ``[start, end)`` holding the selected column chunks of a unit, merged."""
+    leaves = column_indices(meta, columns)
+    spans = []
+    for r in range(unit.start, unit.stop):
+        rg = meta.row_group(r)
+        for c in leaves if leaves is not None else range(rg.num_columns):
+            col = rg.column(c)
+            begin = col.data_page_offset
+            if col.has_dictionary_page and col.dictionary_page_offset:
+                begin = min(begin, col.dictionary_page_offset)
+            spans.append((begin, begin + col.total_compressed_size))
+    spans.sort()
+    merged: List[Tuple[int, int]] = []
+    for s, e in spans:
+        if merged and s - merged[-1][1] <= MERGE_GAP:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def decode_unit(
+    size: int,
+    footer: bytes,
+    meta: pq.FileMetaData,
+    unit: Unit,
+    columns: Optional[Sequence[str]],
+    segments: Dict[int, bytes],
+) -> pa.Table:
+    """Decode a unit's row groups from its fetched column-chunk segments."""
+    segments = dict(segments)
+    segments[size - len(footer)] = footer
+    pf = pq.ParquetFile(_SparseFile(size, segments), metadata=meta)
+    return pf.read_row_groups(
+        list(range(unit.start, unit.stop)),
+        columns=list(columns) if columns is not None else None,
+        use_threads=True,
+    )

@@ -1,0 +1,1 @@
+"""Storage tiers of a cache worker (memory and disk) and their eviction policies."""

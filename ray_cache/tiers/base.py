@@ -1,0 +1,94 @@
+"""Byte accounting shared by the tiers: capacity, usage, and choosing victims.
+
+Thread-safe: a worker serves several requests at once, so every method takes the
+tier's lock. Usage never exceeds capacity: an entry is accounted for before it is
+stored, and an entry larger than the whole tier is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional
+
+from .policy import EvictionPolicy, make_policy
+
+
+class Tier:
+    """Capacity bookkeeping for one tier; subclasses hold the bytes.
+
+    Subclasses implement ``_drop(key)`` to free an entry's storage when evicted.
+    """
+
+    name = "tier"
+
+    def __init__(self, capacity: int, policy: str = "lru") -> None:
+        self.capacity = int(capacity)
+        self.policy: EvictionPolicy = make_policy(policy)
+        self.sizes: Dict[str, int] = {}
+        self.used = 0
+        self.evictions = 0
+        self.lock = threading.RLock()
+
+    # -- storage hooks -------------------------------------------------------------
+    def _drop(self, key: str) -> None:
+        raise NotImplementedError
+
+    # -- accounting ----------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        with self.lock:
+            return key in self.sizes
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.sizes)
+
+    def touch(self, key: str) -> None:
+        with self.lock:
+            if key in self.sizes:
+                self.policy.touch(key)
+
+    def reserve(self, key: str, nbytes: int) -> bool:
+        """Make room for ``nbytes`` and account for ``key``; False if it cannot enter."""
+        with self.lock:
+            if key in self.sizes:
+                self.policy.touch(key)
+                return True
+            if not self.policy.admit(key, nbytes, self.capacity - self.used, self.capacity):
+                return False
+            if nbytes > self.capacity:
+                return False
+            self._evict_until(self.capacity - nbytes)
+            self.sizes[key] = nbytes
+            self.used += nbytes
+            self.policy.touch(key)
+            return True
+
+    def remove(self, key: str) -> Optional[int]:
+        """Forget and drop ``key``; returns its size, or None if absent."""
+        with self.lock:
+            nbytes = self.sizes.pop(key, None)
+            if nbytes is None:
+                return None
+            self.used -= nbytes
+            self.policy.remove(key)
+            self._drop(key)
+            return nbytes
+
+    def resize(self, capacity: int) -> List[str]:
+        """Change capacity at run time, evicting what no longer fits."""
+        with self.lock:
+            self.capacity = int(capacity)
+            return self._evict_until(self.capacity)
+
+    def _evict_until(self, limit: int) -> List[str]:
+        evicted: List[str] = []
+        if self.used <= limit:
+            return evicted
+        for victim in self.policy.victims():
+            if self.used <= limit:
+                break
+            if victim in self.sizes:
+                self.remove(victim)
+                self.evictions += 1
+                evicted.append(victim)
+        return evicted

@@ -1,0 +1,143 @@
+"""The disk tier: Arrow IPC files under a per-worker slot directory.
+
+Several workers may share one filesystem (several raylets on one host, or a shared
+``disk_dir``), so each worker claims a ``slot-N`` directory by holding an exclusive
+``flock`` on ``slot-N.lock`` for its whole life. A restarted worker (or a new Ray
+session) claims a free slot, usually the same one, and re-indexes the files it finds:
+the disk tier survives worker and Ray restarts. Files are written to a temporary name and
+renamed into place, so a crash never leaves a half-written entry under a real name, and
+each file carries its key's digest in its schema metadata, checked on every read.
+Directories are ``0700`` and files ``0600``: only the owner can read cached data.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from typing import List, Optional, Tuple
+
+import pyarrow as pa
+
+from .base import Tier
+
+_KEY_FIELD = b"ray_cache.key"
+_SUFFIX = ".arrow"
+
+
+def claim_slot(root: str, max_slots: int = 1024) -> Tuple[str, int]:
+    """Lock and return the first free ``slot-N`` directory under ``root``.
+
+    The lock file descriptor is kept open (and so locked) for the life of the process.
+    """
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    for n in range(max_slots):
+        lock_path = os.path.join(root, f"slot-{n}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        slot = os.path.join(root, f"slot-{n}")
+        os.makedirs(slot, mode=0o700, exist_ok=True)
+        os.chmod(slot, 0o700)
+        return slot, fd
+    raise RuntimeError(f"no free cache slot under {root} (all {max_slots} are locked)")
+
+
+class DiskTier(Tier):
+    """Arrow IPC files within ``capacity`` bytes (file sizes)."""
+
+    name = "disk"
+
+    def __init__(self, root: str, capacity: int, policy: str = "lru") -> None:
+        super().__init__(capacity, policy)
+        self.root = root
+        self.slot, self._lock_fd = claim_slot(root)
+        self.corrupt_dropped = 0
+        self._reindex()
+
+    def close(self) -> None:
+        """Release the slot lock (the files stay for the next worker)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.slot, key[:2], key + _SUFFIX)
+
+    def _reindex(self) -> None:
+        found: List[Tuple[float, str, int]] = []
+        for dirpath, _dirs, files in os.walk(self.slot):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                if name.startswith(".tmp-"):
+                    os.unlink(full)  # an interrupted write; never visible under a real name
+                elif name.endswith(_SUFFIX):
+                    st = os.stat(full)
+                    found.append((st.st_mtime, name[: -len(_SUFFIX)], st.st_size))
+        found.sort()  # oldest first, so the policy's LRU order matches file age
+        with self.lock:
+            for _mtime, key, size in found:
+                self.sizes[key] = size
+                self.used += size
+                self.policy.touch(key)
+            self._evict_until(self.capacity)
+
+    def _drop(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def get(self, key: str) -> Optional[pa.Table]:
+        """Read an entry (memory-mapped), or None on a miss or a damaged file."""
+        if key not in self:
+            return None
+        path = self._path(key)
+        try:
+            with pa.memory_map(path, "r") as source:
+                table = pa.ipc.open_file(source).read_all()
+            meta = table.schema.metadata or {}
+            if meta.get(_KEY_FIELD) != key.encode():
+                raise ValueError("key mismatch")
+        except (OSError, ValueError, pa.ArrowInvalid):
+            self.corrupt_dropped += 1
+            self.remove(key)
+            return None
+        table = table.replace_schema_metadata(
+            {k: v for k, v in meta.items() if k != _KEY_FIELD} or None
+        )
+        os.utime(path)
+        self.touch(key)
+        return table
+
+    def put(self, key: str, table: pa.Table) -> bool:
+        """Write ``table`` as an IPC file if it fits; returns whether it was stored."""
+        if key in self:
+            self.touch(key)
+            return True
+        meta = dict(table.schema.metadata or {})
+        meta[_KEY_FIELD] = key.encode()
+        tagged = table.replace_schema_metadata(meta)
+        directory = os.path.dirname(self._path(key))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{key}-{uuid.uuid4().hex}")
+        reserved = False
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as raw, pa.ipc.new_file(raw, tagged.schema) as writer:
+                writer.write_table(tagged)
+            reserved = self.reserve(key, os.path.getsize(tmp))
+            if not reserved:
+                os.unlink(tmp)
+                return False
+            os.replace(tmp, self._path(key))
+            return True
+        except OSError:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if reserved:
+                self.remove(key)
+            raise

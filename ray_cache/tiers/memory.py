@@ -1,0 +1,48 @@
+"""The memory tier: decoded Arrow tables held in the Ray object store.
+
+The worker ``ray.put``s each table and keeps the ``ObjectRef``; readers on the same node
+map the object-store buffer without a copy. Objects are owned by the worker actor, so a
+reader must be ready for ``OwnerDiedError`` if the worker dies (the client handles it).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import pyarrow as pa
+import ray
+
+from .base import Tier
+
+
+class MemoryTier(Tier):
+    """Tables in the object store, within ``capacity`` bytes (``Table.nbytes``)."""
+
+    name = "memory"
+
+    def __init__(self, capacity: int, policy: str = "lru") -> None:
+        super().__init__(capacity, policy)
+        self._refs: Dict[str, ray.ObjectRef] = {}
+
+    def _drop(self, key: str) -> None:
+        self._refs.pop(key, None)
+
+    def get(self, key: str) -> Optional[ray.ObjectRef]:
+        """The entry's object ref (and a touch), or None on a miss."""
+        with self.lock:
+            ref = self._refs.get(key)
+            if ref is not None:
+                self.policy.touch(key)
+            return ref
+
+    def put(self, key: str, table: pa.Table) -> Optional[ray.ObjectRef]:
+        """Store ``table`` if the policy admits it; returns its ref either way.
+
+        A table the tier cannot hold is still put in the object store for this one
+        reader (the caller's borrowed ref keeps it alive), just not retained.
+        """
+        ref = ray.put(table)
+        with self.lock:
+            if self.reserve(key, table.nbytes):
+                self._refs[key] = ref
+        return ref

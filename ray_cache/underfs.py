@@ -1,0 +1,190 @@
+"""Access to the under stores through fsspec: resolving, listing, versions, byte ranges.
+
+This is the only module that talks to S3, GCS, Azure or local files. Everything it
+raises has passed through :func:`ray_cache.errors.translate`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import fsspec
+from fsspec.core import split_protocol
+
+from .errors import raise_translated
+from .keys import StoreObject
+
+PathLike = Union[str, os.PathLike]
+
+
+def _protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def resolve_filesystem(
+    paths: Union[PathLike, Sequence[PathLike]],
+    filesystem: Any = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+) -> Tuple[fsspec.AbstractFileSystem, List[str]]:
+    """Pick the fsspec filesystem for ``paths`` and strip their protocols.
+
+    ``filesystem`` may be an fsspec filesystem or a pyarrow filesystem (wrapped with
+    fsspec's ``ArrowFSWrapper``); otherwise it is inferred from the first path's protocol
+    with ``storage_options``.
+
+    Examples
+    --------
+    >>> fs, ps = resolve_filesystem(["/tmp/a.parquet"])
+    >>> _protocol_of(fs), ps
+    ('file', ['/tmp/a.parquet'])
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("paths must name at least one file, directory or glob")
+    if filesystem is not None and storage_options:
+        raise ValueError("pass either filesystem= or storage_options=, not both")
+    if filesystem is None:
+        protocol, _ = split_protocol(paths[0])
+        protocol = protocol or "file"
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as exc:
+            raise ValueError(f"unknown or unavailable protocol {protocol!r}: {exc}") from None
+        filesystem = cls(**(storage_options or {}))
+    elif not isinstance(filesystem, fsspec.AbstractFileSystem):
+        try:
+            import pyarrow.fs as pafs
+        except ImportError:  # pragma: no cover - pyarrow is a dependency
+            pafs = None
+        if pafs is not None and isinstance(filesystem, pafs.FileSystem):
+            from fsspec.implementations.arrow import ArrowFSWrapper
+
+            filesystem = ArrowFSWrapper(filesystem)
+        else:
+            raise ValueError(
+                "filesystem must be an fsspec AbstractFileSystem or a pyarrow.fs.FileSystem, "
+                f"got {type(filesystem).__name__}"
+            )
+    stripped = [filesystem._strip_protocol(p) for p in paths]
+    return filesystem, stripped
+
+
+def version_of(info: Dict[str, Any]) -> str:
+    """The version token of an object from its fsspec ``info`` record.
+
+    S3 and Azure report an ETag, GCS a generation, local files an mtime; size is always
+    part of it, so even a store with only modification times at second resolution
+    distinguishes most rewrites.
+
+    Examples
+    --------
+    >>> version_of({"ETag": '"abc"', "size": 3})
+    'etag:abc/3'
+    >>> version_of({"mtime": 1.5, "size": 3})
+    'mtime:1.5/3'
+    """
+    size = info.get("size")
+    for field, tag in (("generation", "gen"), ("ETag", "etag"), ("etag", "etag")):
+        value = info.get(field)
+        if value:
+            return f"{tag}:{str(value).strip(chr(34))}/{size}"
+    for field in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        value = info.get(field)
+        if value:
+            if hasattr(value, "timestamp"):
+                value = value.timestamp()
+            return f"mtime:{value}/{size}"
+    return f"size:{size}"
+
+
+def _is_file(info: Dict[str, Any]) -> bool:
+    return info.get("type") == "file"
+
+
+def _refresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    # Listings cached inside an fsspec instance (s3fs's dircache) would hide rewrites.
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # noqa: BLE001 - best effort: not every filesystem implements it
+        pass
+
+
+def list_objects(
+    fs: fsspec.AbstractFileSystem, paths: Iterable[str], suffixes: Tuple[str, ...] = ()
+) -> List[StoreObject]:
+    """Expand files, directories (recursively) and globs into objects with versions.
+
+    Results keep the order of ``paths``; files inside a directory are sorted by path.
+    Hidden files (``_SUCCESS``, ``.crc``) under a directory are skipped, as
+    ``ray.data.read_parquet`` does. A path that matches nothing raises
+    ``FileNotFoundError`` naming it.
+    """
+    protocol = _protocol_of(fs)
+    out: List[StoreObject] = []
+    for path in paths:
+        _refresh(fs, path)
+        try:
+            if any(c in path for c in "*?["):
+                infos = fs.glob(path, detail=True)
+                found = [i for i in infos.values() if _is_file(i)]
+            else:
+                info = fs.info(path)
+                if _is_file(info):
+                    found = [info]
+                else:
+                    found = [
+                        i
+                        for i in fs.find(path, detail=True, withdirs=False).values()
+                        if _is_file(i) and not _hidden(i["name"], path)
+                    ]
+                    if suffixes:
+                        found = [i for i in found if i["name"].endswith(suffixes)] or found
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise_translated(exc, path)
+        if not found:
+            raise FileNotFoundError(2, "No such file, directory or glob match", path)
+        for info in sorted(found, key=lambda i: i["name"]):
+            name = fs._strip_protocol(info["name"])
+            out.append(StoreObject(protocol, name, int(info.get("size") or 0), version_of(info)))
+    return out
+
+
+def _hidden(name: str, root: str) -> bool:
+    rel = name[len(root.rstrip("/")) :].lstrip("/")
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def current_version(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Ask the store for an object's version now (one metadata request, no data)."""
+    _refresh(fs, path)
+    try:
+        return version_of(fs.info(path))
+    except Exception as exc:  # noqa: BLE001
+        raise_translated(exc, path)
+        raise  # pragma: no cover
+
+
+def read_ranges(
+    fs: fsspec.AbstractFileSystem, path: str, ranges: Sequence[Tuple[int, int]]
+) -> List[bytes]:
+    """Fetch byte ranges ``[start, end)`` of one object, concurrently where fsspec can."""
+    if not ranges:
+        return []
+    try:
+        if len(ranges) == 1:
+            start, end = ranges[0]
+            return [fs.cat_file(path, start=start, end=end)]
+        parts = fs.cat_ranges(
+            [path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]
+        )
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+        return parts
+    except Exception as exc:  # noqa: BLE001
+        raise_translated(exc, path)
+        raise  # pragma: no cover
