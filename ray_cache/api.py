@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import ray
 
-from . import cluster, underfs
+from . import cluster, fastpath, underfs
 from .config import default_disk_dir, validate_capacity, validate_disk_dir
 from .datasource import CachedParquetDatasource
 
@@ -110,6 +110,7 @@ def read_parquet(
     filesystem: Any = None,
     storage_options: Optional[Dict[str, Any]] = None,
     override_num_blocks: Optional[int] = None,
+    zero_copy: bool = True,
     **kwargs: Any,
 ) -> "ray.data.Dataset":
     """Read Parquet through the cache: the first read fills it, later reads come from it.
@@ -127,6 +128,10 @@ def read_parquet(
         fsspec options used when ``filesystem`` is None.
     override_num_blocks : int, optional
         Number of read tasks (default: Ray Data's choice, at most one per cache unit).
+    zero_copy : bool
+        When every unit is already in memory, return a dataset over the cached objects
+        themselves (in-memory speed; see :mod:`ray_cache.fastpath` for the trade-off).
+        ``False`` always plans read tasks, which fall back to the store if a worker dies.
     **kwargs
         Passed on to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``, ...).
 
@@ -150,6 +155,10 @@ def read_parquet(
     objects = underfs.list_objects(fs, stripped, suffixes=(".parquet", ".parq"))
     workers = _workers()
     source = CachedParquetDatasource(fs, objects, workers, columns=columns)
+    if zero_copy and not kwargs and override_num_blocks is None:
+        ds = fastpath.try_zero_copy(source.requests, workers)
+        if ds is not None:
+            return ds
     return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, **kwargs)
 
 

@@ -43,7 +43,8 @@ class CachedParquetDatasource(Datasource):
         self._fs = fs
         self._workers = list(workers)
         self._columns = list(columns) if columns is not None else None
-        key_columns = tuple(sorted(set(columns))) if columns is not None else None
+        # The key keeps the caller's column order, so a cached table needs no reordering.
+        key_columns = tuple(dict.fromkeys(columns)) if columns is not None else None
         footers = client.footers(fs, objects, self._workers)
         self._requests: List[UnitRequest] = []
         self._schema: Optional[pa.Schema] = None
@@ -65,6 +66,11 @@ class CachedParquetDatasource(Datasource):
                 )
                 self._requests.append(UnitRequest(key, obj, footer, unit, key_columns))
         self._paths = [o.url for o in objects]
+
+    @property
+    def requests(self) -> List[UnitRequest]:
+        """The planned units, in read order."""
+        return list(self._requests)
 
     @property
     def num_units(self) -> int:

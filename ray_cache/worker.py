@@ -143,6 +143,18 @@ class CacheWorker:
         return self._single_flight(key.digest, load)
 
     # -- row groups ----------------------------------------------------------------
+    def lookup(self, digests: Sequence[str]) -> List[Optional[Tuple[List[ray.ObjectRef], Any]]]:
+        """For each key in the memory tier, ``([ref], block metadata)``; None for others.
+
+        Used by the zero-copy warm path; counts hits only when every key is present,
+        since otherwise the caller reads through :meth:`get_many` instead.
+        """
+        found = [self.memory.lookup(d) for d in digests]
+        if all(f is not None for f in found):
+            nbytes = sum(self.memory.sizes.get(d, 0) for d in digests)
+            self._count(hits=len(digests), memory_hits=len(digests), bytes_from_cache=nbytes)
+        return [None if f is None else ([f[0]], f[1]) for f in found]
+
     def get_many(self, fs: Any, requests: Sequence[UnitRequest]) -> Iterator[Tuple]:
         """Stream one result per request, in order, fetching misses in parallel.
 

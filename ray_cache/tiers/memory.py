@@ -7,12 +7,19 @@ reader must be ready for ``OwnerDiedError`` if the worker dies (the client handl
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import pyarrow as pa
 import ray
 
 from .base import Tier
+
+
+def block_metadata(table: pa.Table) -> Any:
+    """Ray Data block metadata of a table, kept so warm reads need no metadata tasks."""
+    from ray.data.block import BlockMetadataWithSchema
+
+    return BlockMetadataWithSchema.from_block(table)
 
 
 class MemoryTier(Tier):
@@ -23,9 +30,20 @@ class MemoryTier(Tier):
     def __init__(self, capacity: int, policy: str = "lru") -> None:
         super().__init__(capacity, policy)
         self._refs: Dict[str, ray.ObjectRef] = {}
+        self._meta: Dict[str, Any] = {}
 
     def _drop(self, key: str) -> None:
         self._refs.pop(key, None)
+        self._meta.pop(key, None)
+
+    def lookup(self, key: str) -> Optional[Tuple[ray.ObjectRef, Any]]:
+        """The entry's ref and block metadata (and a touch), or None on a miss."""
+        with self.lock:
+            ref = self._refs.get(key)
+            if ref is None:
+                return None
+            self.policy.touch(key)
+            return ref, self._meta.get(key)
 
     def get(self, key: str) -> Optional[ray.ObjectRef]:
         """The entry's object ref (and a touch), or None on a miss."""
@@ -42,7 +60,9 @@ class MemoryTier(Tier):
         reader (the caller's borrowed ref keeps it alive), just not retained.
         """
         ref = ray.put(table)
+        meta = block_metadata(table)
         with self.lock:
             if self.reserve(key, table.nbytes):
                 self._refs[key] = ref
+                self._meta[key] = meta
         return ref

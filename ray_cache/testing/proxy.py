@@ -1,0 +1,389 @@
+"""A counting HTTP/1.1 reverse proxy that can emulate a far link.
+
+Run it as its own process::
+
+    python -m ray_cache.testing.proxy --upstream 127.0.0.1:PORT --port 0 \\
+        [--rate-bytes-per-s N] [--latency-ms MS]
+
+It prints ``LISTENING <port>`` on stdout once ready, forwards every request
+byte for byte to the upstream server (Host header included) and records one
+entry per request. ``GET /__proxy__/requests`` and ``POST /__proxy__/reset``
+are answered by the proxy itself and are neither forwarded nor recorded.
+``Expect: 100-continue`` is answered by the proxy (``100 Continue``) and the
+upstream's own ``100 Continue`` is dropped. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+if __package__:
+    from ray_cache.testing.s3server import ManagedProcess, s3_data_gets
+else:  # run as a script (as CountingProxy does): skip importing the heavy package
+    from s3server import ManagedProcess, s3_data_gets  # type: ignore[no-redef]
+
+__all__ = ["CountingProxy", "s3_data_gets", "main"]
+
+CHUNK = 64 * 1024  # largest single write to a client
+HEAD_LIMIT = 1 << 20  # largest message head accepted
+CONTROL = "/__proxy__/"
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_ERRORS = (OSError, ValueError, EOFError, asyncio.LimitOverrunError)
+Headers = list[tuple[str, str]]
+
+
+class _ProtocolError(ValueError):
+    """Malformed or truncated HTTP message."""
+
+
+def _log(msg: str) -> None:
+    print(f"proxy[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+class _RateLimiter:
+    """Token bucket shared by all connections, with a burst of one chunk."""
+
+    def __init__(self, rate: float, burst: int = CHUNK) -> None:
+        self.rate, self.burst, self._t = float(rate), burst, 0.0
+
+    async def consume(self, n: int) -> None:
+        now = time.monotonic()
+        # Reserve n bytes on a virtual clock; no await before this, so atomic.
+        self._t = max(self._t, now - self.burst / self.rate) + n / self.rate
+        if self._t > now:
+            await asyncio.sleep(self._t - now)
+
+
+def _parse_head(raw: bytes) -> tuple[list[str], Headers]:
+    lines = raw.decode("latin-1").split("\r\n")
+    pairs = (ln.partition(":") for ln in lines[1:] if ln)
+    return lines[0].split(" ", 2), [(n.strip().lower(), v.strip()) for n, _, v in pairs]
+
+
+def _tokens(headers: Headers, name: str) -> set[str]:
+    return {t.strip().lower() for n, v in headers if n == name for t in v.split(",")}
+
+
+def _body_mode(headers: Headers) -> tuple[str, int]:
+    """Framing of a body: ("chunked"|"length"|"none"|"close", length)."""
+    if "chunked" in _tokens(headers, "transfer-encoding"):
+        return "chunked", 0
+    for name, value in headers:
+        if name == "content-length":
+            return ("length", int(value)) if int(value) > 0 else ("none", 0)
+    return "close", 0
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """Read one message head; ``None`` on a clean EOF before it."""
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial.strip():
+            return None
+        raise _ProtocolError("truncated message head") from exc
+    except asyncio.LimitOverrunError as exc:
+        raise _ProtocolError("message head too large") from exc
+
+
+async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter, mode: str,
+                 length: int = 0, limiter: _RateLimiter | None = None) -> tuple[int, int]:
+    """Copy one body unchanged from ``src`` to ``dst``; return (wire, payload) bytes."""
+    wire = payload = 0
+
+    async def send(data: bytes) -> None:
+        nonlocal wire
+        if limiter is not None:
+            await limiter.consume(len(data))
+        dst.write(data)
+        wire += len(data)
+        await dst.drain()
+
+    async def copy(remaining: int, until_eof: bool = False) -> None:
+        nonlocal payload
+        while remaining or until_eof:
+            data = await src.read(CHUNK if until_eof else min(CHUNK, remaining))
+            if not data:
+                if until_eof:
+                    return
+                raise _ProtocolError("body truncated")
+            remaining -= len(data)
+            payload += len(data)
+            await send(data)
+
+    if mode == "length":
+        await copy(length)
+    elif mode == "close":
+        await copy(0, until_eof=True)
+    elif mode == "chunked":
+        while True:
+            line = await src.readuntil(b"\r\n")
+            await send(line)
+            size = int(line.split(b";", 1)[0].strip() or b"x", 16)
+            if size == 0:
+                break
+            await copy(size)
+            await send(await src.readexactly(2))  # CRLF after the chunk data
+        while True:  # trailer fields, then the final empty line
+            line = await src.readuntil(b"\r\n")
+            await send(line)
+            if line == b"\r\n":
+                break
+    return wire, payload
+
+
+class _Proxy:
+    """Proxy state inside the proxy process: upstream, records, link emulation."""
+
+    def __init__(self, host: str, port: int, rate: float | None, latency_ms: float) -> None:
+        self.host, self.port = host, port
+        self.records: list[dict[str, Any]] = []
+        self.limiter = _RateLimiter(rate) if rate else None
+        self.latency = latency_ms / 1000.0
+
+    async def handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        """Serve one client connection (several requests when kept alive)."""
+        up: list[Any] = [None, None]  # upstream (reader, writer), reused while open
+        try:
+            while (head := await _read_head(creader)) is not None:
+                (method, target, version), headers = _parse_head(head)
+                conn = _tokens(headers, "connection")
+                keep = "close" not in conn and (version != "HTTP/1.0" or "keep-alive" in conn)
+                if target.startswith(CONTROL):
+                    await self._control(method, target, headers, creader, cwriter)
+                elif not await self._forward(method, target, head, headers, creader, cwriter, up):
+                    break
+                if not keep:
+                    break
+        except _ERRORS as exc:
+            _log(f"client connection dropped: {exc!r}")
+        finally:
+            for writer in (cwriter, up[1]):
+                if writer is not None:
+                    writer.close()
+
+    async def _control(self, method: str, target: str, headers: Headers,
+                       creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        mode, length = _body_mode(headers)
+        if mode == "chunked":
+            raise _ProtocolError("chunked body on a control request")
+        await creader.readexactly(length)
+        status, body = "200 OK", b""
+        if method == "GET" and target == CONTROL + "requests":
+            body = json.dumps(self.records).encode()
+        elif method == "POST" and target == CONTROL + "reset":
+            body = json.dumps({"cleared": len(self.records)}).encode()
+            self.records = []
+        else:
+            status, body = "404 Not Found", b'{"error": "unknown control endpoint"}'
+        cwriter.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await cwriter.drain()
+
+    async def _forward(self, method: str, target: str, head: bytes, headers: Headers,
+                       creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
+                       up: list[Any]) -> bool:
+        """Forward one request, relay its response, record it; return keep-alive."""
+        rec: dict[str, Any] = {"method": method, "path": target, "status": None,
+                               "request_bytes": len(head), "response_bytes": 0,
+                               "request_body_bytes": 0, "response_body_bytes": 0}
+        mode, length = _body_mode(headers)
+        mode = "none" if mode == "close" else mode  # a request body never runs to EOF
+        expect = mode != "none" and "100-continue" in _tokens(headers, "expect")
+        head_sent = False
+        try:
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if up[0] is None or up[0].at_eof():
+                if up[1] is not None:
+                    up[1].close()
+                up[:] = await asyncio.open_connection(self.host, self.port, limit=HEAD_LIMIT)
+            ureader, uwriter = up
+            uwriter.write(head)
+            if expect:
+                cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                rec["response_bytes"] += 25
+                await cwriter.drain()
+            wire, rec["request_body_bytes"] = await _relay(creader, uwriter, mode, length)
+            rec["request_bytes"] += wire
+            while True:  # skip or relay interim (1xx) responses
+                rhead = await _read_head(ureader)
+                if rhead is None:
+                    raise _ProtocolError("upstream closed without a response")
+                (_, status, *_), rheaders = _parse_head(rhead)
+                rec["status"] = int(status)
+                if not 100 <= rec["status"] < 200 or rec["status"] == 101:
+                    break
+                if not (expect and rec["status"] == 100):
+                    cwriter.write(rhead)
+                    rec["response_bytes"] += len(rhead)
+            if self.limiter is not None:
+                await self.limiter.consume(len(rhead))
+            cwriter.write(rhead)
+            head_sent = True
+            rmode, rlength = _body_mode(rheaders)
+            if method == "HEAD" or rec["status"] in (101, 204, 304):
+                rmode = "none"
+            wire, rec["response_body_bytes"] = await _relay(ureader, cwriter, rmode, rlength,
+                                                            self.limiter)
+            rec["response_bytes"] += len(rhead) + wire
+            conn = _tokens(rheaders, "connection")
+            http10 = rhead.startswith(b"HTTP/1.0") and "keep-alive" not in conn
+            return not (rmode == "close" or "close" in conn or http10 or rec["status"] == 101)
+        except _ERRORS as exc:
+            _log(f"{method} {target}: {exc!r}")
+            if not head_sent and not cwriter.is_closing():
+                msg = f"proxy error: {exc!r}".encode()
+                cwriter.write(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(msg), msg))
+                rec["status"] = 502
+            return False
+        finally:
+            self.records.append(rec)
+
+
+class CountingProxy(ManagedProcess):
+    """The proxy as a subprocess in front of one upstream server.
+
+    Parameters
+    ----------
+    upstream_url : str
+        ``"http://HOST:PORT"`` or ``"HOST:PORT"`` of the upstream server.
+    rate_bytes_per_s : float, optional
+        Cap on the total response bytes per second sent to all clients.
+    latency_ms : float
+        Delay added before forwarding each request.
+    start_timeout : float
+        Seconds to wait for the ``LISTENING`` line.
+
+    Attributes
+    ----------
+    url : str
+        ``"http://127.0.0.1:PORT"`` once started.
+    port : int
+        The proxy's port once started.
+    """
+
+    def __init__(self, upstream_url: str, rate_bytes_per_s: float | None = None,
+                 latency_ms: float = 0, start_timeout: float = 30.0) -> None:
+        self.upstream = upstream_url.split("://", 1)[-1].rstrip("/")
+        self.rate_bytes_per_s, self.latency_ms = rate_bytes_per_s, latency_ms
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.url: str | None = None
+
+    def start(self) -> "CountingProxy":
+        """Spawn the proxy process and wait for its ``LISTENING`` line.
+
+        Returns
+        -------
+        CountingProxy
+            ``self``.
+
+        Raises
+        ------
+        RuntimeError
+            If the process exits, prints something else, or stays silent
+            past the timeout; the message carries its stderr tail.
+        """
+        if self._proc is not None:
+            return self
+        # Run this file as a script: starts fast, as it does not import ray_cache (and ray).
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--upstream", self.upstream,
+               "--port", "0", "--exit-on-stdin-eof"]  # exits if this process dies
+        if self.rate_bytes_per_s:
+            cmd += ["--rate-bytes-per-s", str(self.rate_bytes_per_s)]
+        if self.latency_ms:
+            cmd += ["--latency-ms", str(self.latency_ms)]
+        proc = self._spawn(cmd, "counting_proxy_", stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        assert proc.stdout is not None
+        out, deadline = b"", time.monotonic() + self.start_timeout
+        while b"\n" not in out:
+            left = deadline - time.monotonic()
+            ready = left > 0 and select.select([proc.stdout], [], [], left)[0]
+            chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
+                tail = self._log_tail()
+                self.stop()
+                raise RuntimeError(f"proxy failed to start (stdout {out!r}):\n{tail}")
+            out += chunk
+        words = out.split(b"\n", 1)[0].decode("latin-1").split()
+        if len(words) != 2 or words[0] != "LISTENING":
+            self.stop()
+            raise RuntimeError(f"unexpected proxy output: {out!r}")
+        self.port = int(words[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Return the records of the requests forwarded since the last reset.
+
+        Returns
+        -------
+        list of dict
+            One ``{"method", "path", "status", "request_bytes",
+            "response_bytes", "request_body_bytes", "response_body_bytes"}``
+            per request, in completion order; byte counts are on the wire
+            (heads and chunk framing included) except the ``*_body_bytes``.
+        """
+        with _OPENER.open(f"{self.url}{CONTROL}requests", timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def reset(self) -> None:
+        """Clear the proxy's records."""
+        req = urllib.request.Request(f"{self.url}{CONTROL}reset", data=b"", method="POST")
+        with _OPENER.open(req, timeout=30) as resp:
+            resp.read()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    host, _, port = args.upstream.split("://", 1)[-1].rstrip("/").rpartition(":")
+    proxy = _Proxy(host or "127.0.0.1", int(port), args.rate_bytes_per_s, args.latency_ms)
+    server = await asyncio.start_server(proxy.handle, args.host, args.port, limit=HEAD_LIMIT)
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.exit_on_stdin_eof:
+        def on_stdin() -> None:
+            if not os.read(0, 4096):
+                loop.remove_reader(0)
+                stop.set()
+        loop.add_reader(0, on_stdin)
+    print(f"LISTENING {server.sockets[0].getsockname()[1]}", flush=True)
+    await stop.wait()
+    server.close()  # open connections are cancelled by asyncio.run on return
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point; see the module docstring.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments; ``sys.argv[1:]`` when omitted.
+    """
+    ap = argparse.ArgumentParser(description="Counting HTTP/1.1 reverse proxy.")
+    ap.add_argument("--upstream", required=True, help="HOST:PORT of the upstream server")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    ap.add_argument("--port", type=int, default=0, help="port to listen on (0: any free)")
+    ap.add_argument("--rate-bytes-per-s", type=float, default=None,
+                    help="cap on response bytes per second, shared by all clients")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="delay per request")
+    ap.add_argument("--exit-on-stdin-eof", action="store_true",
+                    help="exit when stdin closes (set by CountingProxy)")
+    asyncio.run(_serve(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
