@@ -140,6 +140,9 @@ class S3Server(ManagedProcess):
         Port to bind; a free one is chosen when omitted.
     start_timeout : float
         Seconds to wait for the server to answer HTTP in :meth:`start`.
+    env : dict, optional
+        Extra environment for the server, e.g. ``{"INITIAL_NO_AUTH_ACTION_COUNT": "0"}``
+        to make moto enforce credentials.
 
     Attributes
     ----------
@@ -149,7 +152,9 @@ class S3Server(ManagedProcess):
         ``"http://127.0.0.1:PORT"``.
     """
 
-    def __init__(self, port: int | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(self, port: int | None = None, start_timeout: float = 30.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.env = env
         self.port: int = port if port is not None else free_port()
         self.endpoint_url: str = f"http://127.0.0.1:{self.port}"
         self.start_timeout = start_timeout
@@ -171,7 +176,8 @@ class S3Server(ManagedProcess):
         if self._proc is not None:
             return self
         cmd = [_find_moto_server(), "-H", "127.0.0.1", "-p", str(self.port)]
-        proc = self._spawn(cmd, "moto_server_", stdin=subprocess.DEVNULL)
+        env = {**os.environ, **self.env} if self.env else None
+        proc = self._spawn(cmd, "moto_server_", stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + self.start_timeout
         while not self._answers_http():
             if proc.poll() is not None or time.monotonic() > deadline:
