@@ -186,9 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tmp = tempfile.mkdtemp(prefix="ray_cache_demo_")
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        say("starting a local S3 server and a far-link proxy "
-            f"({args.latency_ms:g} ms per request, "
-            f"{f'{args.rate_mb_s:g} MB/s' if args.rate_mb_s else 'no bandwidth cap'})")
+        link = (f"{args.latency_ms:g} ms per request, "
+                + (f"{args.rate_mb_s:g} MB/s" if args.rate_mb_s else "no bandwidth cap"))
+        say(f"starting a local S3 server and a far-link proxy in front of it ({link})")
         server = stack.enter_context(S3Server())
         server.create_bucket(BUCKET)
         proxy = stack.enter_context(CountingProxy(
@@ -224,9 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print()
         print(_style(f"Reading {args.rows:,} rows ({nbytes / 1e6:.1f} MB of Parquet) "
-                     f"from a store {args.latency_ms:g} ms / "
-                     f"{f'{args.rate_mb_s:g} MB/s' if args.rate_mb_s else 'unthrottled'} away",
-                     "1"))
+                     f"from an emulated far store ({link})", "1"))
         print(report(results))
         same_rows = len({r.rows for r in results}) == 1 and results[0].rows == args.rows
         expected_sum = args.rows * (args.rows - 1) // 2

@@ -1,0 +1,91 @@
+"""The ``ray-cache`` command: look at and steer the cache of a running Ray cluster.
+
+Examples
+--------
+    ray-cache status                 # a table per worker
+    ray-cache stats --json           # counters for scripts
+    ray-cache start --memory 4GiB --disk 100GiB
+    ray-cache stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import List, Optional
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """``"4GiB"`` -> 4294967296; plain numbers are bytes.
+
+    Examples
+    --------
+    >>> parse_size("1.5KiB")
+    1536
+    >>> parse_size("100")
+    100
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB, 4GiB, 100GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _connect(address: str) -> None:
+    import ray
+
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:
+        raise SystemExit(
+            f"ray-cache: no Ray cluster at --address {address!r} ({exc}). "
+            "Start one with `ray start --head` or pass --address."
+        ) from None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``ray-cache`` command."""
+    parser = argparse.ArgumentParser(prog="ray-cache", description=__doc__.split("\n")[0])
+    parser.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="one line per cache worker")
+    sub.add_parser("stats", help="counters summed over workers")
+    start = sub.add_parser("start", help="start or resize workers on the cache nodes")
+    start.add_argument("--memory", type=parse_size, help="memory tier per worker, e.g. 4GiB")
+    start.add_argument("--disk", type=parse_size, help="disk tier per worker, e.g. 100GiB")
+    start.add_argument("--disk-dir", help="disk tier directory on each node")
+    start.add_argument("--nodes", default="auto", help="auto, all, gpu or resource:NAME")
+    sub.add_parser("stop", help="stop the workers (disk tiers stay)")
+    args = parser.parse_args(argv)
+
+    _connect(args.address)
+    import ray_cache
+
+    if args.command == "status":
+        st = ray_cache.status()
+        if not st.workers and not args.json:
+            print("ray-cache: no cache workers are running (start them with `ray-cache start`)")
+            return 1
+        print(json.dumps(st.workers, indent=2) if args.json else repr(st))
+    elif args.command == "stats":
+        s = ray_cache.stats()
+        print(json.dumps(s, indent=2) if args.json else "\n".join(f"{k:26s} {v}" for k, v in s.items()))
+    elif args.command == "start":
+        workers = ray_cache.start(memory_bytes=args.memory, disk_bytes=args.disk,
+                                  disk_dir=args.disk_dir, nodes=args.nodes)
+        print(json.dumps([w.node_id for w in workers]) if args.json else f"{len(workers)} cache workers running")
+    elif args.command == "stop":
+        n = ray_cache.shutdown()
+        print(json.dumps({"stopped": n}) if args.json else f"stopped {n} cache workers")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

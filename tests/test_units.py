@@ -1,0 +1,165 @@
+"""Pure parts, no Ray: hashing, policies, tier accounting, disk slots, Parquet planning, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ray_cache import errors, hashing, parquet, underfs
+from ray_cache.keys import EntryKey
+from ray_cache.tiers.disk import DiskTier, claim_slot
+from ray_cache.tiers.policy import LRUPolicy, make_policy
+
+
+def test_rendezvous_owner_is_stable_and_moves_about_one_nth_on_join():
+    keys = [f"key-{i}" for i in range(20_000)]
+    four = [f"worker-{i}" for i in range(4)]
+    five = four + ["worker-4"]
+    before = [four[hashing.owner(k, four)] for k in keys]
+    after = [five[hashing.owner(k, five)] for k in keys]
+    moved = sum(b != a for b, a in zip(before, after))
+    assert all(a == "worker-4" for b, a in zip(before, after) if b != a), "only keys won by the new worker move"
+    assert 0.15 < moved / len(keys) < 0.25  # about 1/5
+    # identical in any process: no salted hash()
+    assert [hashing.owner(k, four) for k in keys[:50]] == [hashing.owner(k, list(four)) for k in keys[:50]]
+
+
+def test_rendezvous_leave_moves_only_the_leavers_keys():
+    keys = [f"k{i}" for i in range(5_000)]
+    four = ["a", "b", "c", "d"]
+    three = ["a", "b", "d"]
+    for k in keys:
+        was = four[hashing.owner(k, four)]
+        now = three[hashing.owner(k, three)]
+        assert was == now or was == "c"
+
+
+def test_lru_policy_order_and_registry():
+    p = LRUPolicy()
+    for k in "abcd":
+        p.touch(k)
+    p.touch("b")
+    p.remove("c")
+    assert list(p.victims()) == ["a", "d", "b"]
+    with pytest.raises(ValueError) as err:
+        make_policy("nope")
+    assert "lru" in str(err.value)
+
+
+def _table(n: int) -> pa.Table:
+    return pa.table({"v": np.arange(n, dtype=np.int64)})
+
+
+def test_disk_tier_capacity_eviction_and_reindex(tmp_path):
+    t = _table(10_000)
+    tier = DiskTier(str(tmp_path), capacity=10**9)
+    tier.put("k1", t)
+    one = tier.used
+    tier.close()
+    tier = DiskTier(str(tmp_path), capacity=int(one * 2.5))
+    assert "k1" in tier and tier.used == one  # re-indexed after a restart
+    tier.put("k2", t)
+    tier.put("k3", t)
+    assert tier.used <= tier.capacity and tier.evictions == 1 and "k1" not in tier
+    assert tier.get("k3").equals(t)
+    tier.close()
+
+
+def test_disk_tier_rejects_damaged_or_foreign_files(tmp_path):
+    tier = DiskTier(str(tmp_path), capacity=10**9)
+    tier.put("aa11", _table(100))
+    tier.put("bb22", _table(100))
+    path_a = tier._path("aa11")
+    with open(path_a, "r+b") as fh:  # damage one file
+        fh.truncate(20)
+    assert tier.get("aa11") is None and "aa11" not in tier
+    # a file whose embedded key differs from its name is never served
+    os.makedirs(os.path.dirname(tier._path("dd44")), exist_ok=True)
+    os.replace(tier._path("bb22"), tier._path("dd44"))
+    tier.sizes["dd44"] = tier.sizes.pop("bb22")
+    assert tier.get("dd44") is None
+    tier.close()
+
+
+def test_two_workers_on_one_host_claim_different_slots(tmp_path):
+    a = DiskTier(str(tmp_path), capacity=10**9)
+    b = DiskTier(str(tmp_path), capacity=10**9)
+    assert a.slot != b.slot
+    a.put("same-key", _table(10))
+    b.put("same-key", _table(20))
+    assert a.get("same-key").num_rows == 10 and b.get("same-key").num_rows == 20
+    a.close()
+    slot, fd = claim_slot(str(tmp_path))  # a's slot is free again
+    assert slot == a.slot
+    os.close(fd)
+    b.close()
+
+
+def test_interrupted_write_is_cleaned_on_reindex(tmp_path):
+    tier = DiskTier(str(tmp_path), capacity=10**9)
+    junk = os.path.join(tier.slot, "ab", ".tmp-abcd-123")
+    os.makedirs(os.path.dirname(junk), exist_ok=True)
+    with open(junk, "wb") as fh:
+        fh.write(b"half")
+    tier.close()
+    tier = DiskTier(str(tmp_path), capacity=10**9)
+    assert not os.path.exists(junk) and len(tier) == 0
+    tier.close()
+
+
+def _parquet_bytes(rows=10_000, rg=1_000) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"a": np.arange(rows), "b": np.arange(rows) * 2.0}), buf, row_group_size=rg)
+    return buf.getvalue()
+
+
+def test_footer_ranges_and_decode_match_pyarrow():
+    data = _parquet_bytes()
+    fetch = lambda ranges: [data[s:e] for s, e in ranges]  # noqa: E731
+    footer = parquet.parse_footer("mem://x", len(data), fetch)
+    meta = parquet.read_metadata("mem://x", len(data), footer)
+    units = parquet.plan_units(meta, target_bytes=30_000)
+    assert len(units) > 1 and sum(u.num_rows for u in units) == 10_000
+    whole = pq.read_table(io.BytesIO(data))
+    parts = []
+    for u in units:
+        ranges = parquet.unit_ranges(meta, u, ["b"])
+        segs = {s: data[s:e] for s, e in ranges}
+        parts.append(parquet.decode_unit(len(data), footer, meta, u, ["b"], segs))
+    assert pa.concat_tables(parts).equals(whole.select(["b"]))
+
+
+def test_not_parquet_is_named():
+    data = b"x" * 1000
+    with pytest.raises(errors.NotParquetError) as err:
+        parquet.parse_footer("s3://b/readme.txt", len(data), lambda r: [data[s:e] for s, e in r])
+    assert "s3://b/readme.txt" in str(err.value)
+
+
+def test_error_table_translates_store_errors_without_secrets():
+    class ClientError(Exception):
+        def __init__(self, code):
+            self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": 403}}
+
+    e = errors.translate(ClientError("AccessDenied"), "b/k")
+    assert isinstance(e, PermissionError) and "b/k" in str(e)
+    e = errors.translate(ClientError("NoSuchKey"), "b/k")
+    assert isinstance(e, FileNotFoundError)
+    assert "***" in errors.redact("DefaultEndpointsProtocol=http;AccountKey=abcd==;")
+
+
+def test_version_tokens():
+    assert underfs.version_of({"ETag": '"e1"', "size": 3}) != underfs.version_of({"ETag": '"e2"', "size": 3})
+    assert underfs.version_of({"generation": 7, "size": 1}).startswith("gen:")
+    assert underfs.version_of({"mtime": 1.0, "size": 1}) != underfs.version_of({"mtime": 1.0, "size": 2})
+
+
+def test_entry_key_has_no_options_and_is_deterministic():
+    k = EntryKey("s3", "b/k", "etag:1/3", "rg", 0, 1, ("a",))
+    assert k.digest == EntryKey("s3", "b/k", "etag:1/3", "rg", 0, 1, ("a",)).digest
+    assert k.digest != EntryKey("s3", "b/k", "etag:2/3", "rg", 0, 1, ("a",)).digest
