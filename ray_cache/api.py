@@ -33,6 +33,8 @@ STAT_FIELDS = (
     "evictions",
     "fallbacks",
     "fallback_bytes",
+    "bytes_served_local",
+    "bytes_served_remote",
     "single_flight_waits",
     "errors",
 )
@@ -80,10 +82,21 @@ def start(
 
 
 def _workers() -> List[cluster.WorkerRef]:
+    """The live workers, after starting one on any cache node that joined since."""
     _ensure_ray()
     workers = cluster.live_workers()
-    if not workers or len(workers) < len(cluster.cache_nodes("auto")):
-        workers = start()
+    if not workers:
+        return start()
+    try:
+        cfg = ray.get(workers[0].handle.get_config.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - that worker is going away; use what is alive
+        return workers
+    have = {w.node_id for w in workers}
+    if any(n["NodeID"] not in have for n in cluster.cache_nodes(cfg["nodes"])):
+        workers = cluster.ensure_workers(
+            cfg["requested_memory_bytes"], cfg["requested_disk_bytes"], cfg["disk_dir"],
+            nodes=cfg["nodes"], policy=cfg["policy"], resize=False,
+        )
     return workers
 
 
@@ -110,7 +123,7 @@ def read_parquet(
     filesystem: Any = None,
     storage_options: Optional[Dict[str, Any]] = None,
     override_num_blocks: Optional[int] = None,
-    zero_copy: bool = True,
+    zero_copy: Union[bool, str] = "auto",
     **kwargs: Any,
 ) -> "ray.data.Dataset":
     """Read Parquet through the cache: the first read fills it, later reads come from it.
@@ -128,10 +141,13 @@ def read_parquet(
         fsspec options used when ``filesystem`` is None.
     override_num_blocks : int, optional
         Number of read tasks (default: Ray Data's choice, at most one per cache unit).
-    zero_copy : bool
+    zero_copy : bool or "auto"
         When every unit is already in memory, return a dataset over the cached objects
         themselves (in-memory speed; see :mod:`ray_cache.fastpath` for the trade-off).
-        ``False`` always plans read tasks, which fall back to the store if a worker dies.
+        ``False`` always plans read tasks, which fall back to the store if a worker or
+        its node dies mid-read. ``"auto"`` (default): zero-copy when every worker of the
+        read runs on this driver's node (a node loss there ends the driver anyway),
+        read tasks otherwise.
     **kwargs
         Passed on to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``, ...).
 
@@ -154,12 +170,20 @@ def read_parquet(
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
     objects = underfs.list_objects(fs, stripped, suffixes=(".parquet", ".parq"))
     workers = _workers()
+    if zero_copy not in (True, False, "auto"):
+        raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
     source = CachedParquetDatasource(fs, objects, workers, columns=columns)
+    if zero_copy == "auto":
+        here = ray.get_runtime_context().get_node_id()
+        zero_copy = all(w.node_id == here for w in workers)
     if zero_copy and not kwargs and override_num_blocks is None:
         ds = fastpath.try_zero_copy(source.requests, workers)
         if ds is not None:
             return ds
-    return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, **kwargs)
+    # One read task per unit by default: asking Ray Data for more blocks than tasks makes
+    # it split every block (a copy) after the read.
+    blocks = override_num_blocks or max(1, source.num_units)
+    return ray.data.read_datasource(source, override_num_blocks=blocks, **kwargs)
 
 
 def stats() -> Dict[str, int]:

@@ -15,7 +15,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 import ray
-from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
+from ray.exceptions import (
+    ActorUnschedulableError,
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    WorkerCrashedError,
+)
 
 from . import fetch, hashing
 from .cluster import WorkerRef
@@ -27,7 +34,15 @@ from .keys import StoreObject
 log = logging.getLogger("ray_cache.client")
 
 #: Failures that mean "this worker (or the node under it) is gone", not "bad input".
-WORKER_GONE = (RayActorError, OwnerDiedError, ObjectLostError, GetTimeoutError)
+#: (``OwnerDiedError`` is an ``ObjectLostError``: the cached object's owner, the worker, died.)
+WORKER_GONE = (
+    RayActorError,
+    ActorUnschedulableError,
+    ObjectLostError,
+    NodeDiedError,
+    WorkerCrashedError,
+    GetTimeoutError,
+)
 _warned: set = set()
 
 
@@ -42,13 +57,13 @@ def _warn_once(name: str, exc: BaseException) -> None:
 
 
 def _report_fallback(workers: Sequence[WorkerRef], dead: str, units: int, nbytes: int) -> None:
-    for w in workers:
-        if w.name != dead:
-            try:
-                w.handle.note_fallback.remote(units, nbytes)
-                return
-            except Exception:  # noqa: BLE001 - best effort; the log line still shows it
-                continue
+    # Prefer a surviving worker; the "dead" one last, since Ray may have restarted it.
+    for w in sorted(workers, key=lambda w: w.name == dead):
+        try:
+            w.handle.note_fallback.remote(units, nbytes)
+            return
+        except Exception:  # noqa: BLE001 - best effort; the log line still shows it
+            continue
 
 
 def footers(fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef]) -> List[bytes]:
@@ -84,11 +99,32 @@ def _direct_footer(fs: Any, obj: StoreObject) -> Any:
         return exc
 
 
+def _next_item(stream: Any) -> Any:
+    # ``next()`` on a streaming generator has no timeout; a hung (not dead) worker must
+    # not hang the reader, so use the bounded wait where this Ray has it.
+    next_sync = getattr(stream, "_next_sync", None)
+    if next_sync is None:  # pragma: no cover - older/newer Ray
+        return next(stream)
+    ref = next_sync(timeout_s=WORKER_TIMEOUT_S)
+    if ref.is_nil():
+        raise GetTimeoutError(f"no answer from a cache worker in {WORKER_TIMEOUT_S} s")
+    return ref
+
+
 def read_units(
     fs: Any, requests: Sequence[UnitRequest], workers: Sequence[WorkerRef]
 ) -> Iterator[pa.Table]:
-    """Yield the table of each request, in order, through the owning workers."""
+    """Yield the table of each request, in order, through the owning workers.
+
+    Bytes served are counted per owner as node-local or remote (this reader runs on
+    another node than the owner) and reported to the owner when the task ends.
+    """
     names = [w.name for w in workers]
+    try:
+        here = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray there is no node to compare
+        here = None
+    served: Dict[int, List[int]] = {}
     owners = [hashing.owner(r.key.digest, names) if names else -1 for r in requests]
     streams: Dict[int, Iterator] = {}
     for o in sorted(set(owners)):
@@ -96,7 +132,7 @@ def read_units(
             continue
         batch = [r for r, ow in zip(requests, owners) if ow == o]
         try:
-            streams[o] = iter(workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch))
+            streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch)
         except WORKER_GONE:
             pass
     dead: set = set()
@@ -105,6 +141,8 @@ def read_units(
         if o >= 0 and o not in dead and o in streams:
             try:
                 table = _from_worker(streams[o])
+                tally = served.setdefault(o, [0, 0])
+                tally[0 if workers[o].node_id == here else 1] += table.nbytes
             except WORKER_GONE + (StopIteration,) as exc:
                 dead.add(o)
                 _warn_once(workers[o].name, exc)
@@ -113,10 +151,16 @@ def read_units(
             if o >= 0:
                 _report_fallback(workers, workers[o].name, 1, table.nbytes)
         yield table
+    for o, (local, remote) in served.items():
+        if o not in dead:
+            try:
+                workers[o].handle.note_served.remote(local, remote)
+            except Exception:  # noqa: BLE001 - counters are best effort, reads are not
+                pass
 
 
-def _from_worker(stream: Iterator) -> pa.Table:
-    item = ray.get(next(stream), timeout=WORKER_TIMEOUT_S)
+def _from_worker(stream: Any) -> pa.Table:
+    item = ray.get(_next_item(stream), timeout=WORKER_TIMEOUT_S)
     if item[0] == "err":
         raise item[1]
     return ray.get(item[1][0], timeout=WORKER_TIMEOUT_S)

@@ -40,11 +40,15 @@ def cache_nodes(nodes: str = "auto") -> List[Dict[str, Any]]:
     """Alive nodes that should hold a worker.
 
     ``"auto"``: nodes with GPUs, or every node when none has one; ``"all"``; ``"gpu"``;
-    ``"resource:NAME"``: nodes offering custom resource NAME.
+    ``"resource:NAME"``: nodes offering custom resource NAME; ``"label:KEY=VALUE"``: nodes
+    with that Ray node label.
     """
     alive = [n for n in ray.nodes() if n.get("Alive") or n.get("alive")]
     if nodes == "all":
         return alive
+    if nodes.startswith("label:") and "=" in nodes:
+        key, value = nodes[len("label:") :].split("=", 1)
+        return [n for n in alive if (n.get("Labels") or {}).get(key) == value]
     if nodes.startswith("resource:"):
         name = nodes.split(":", 1)[1]
         return [n for n in alive if n.get("Resources", {}).get(name, 0) > 0]
@@ -53,7 +57,9 @@ def cache_nodes(nodes: str = "auto") -> List[Dict[str, Any]]:
         return gpu
     if nodes == "auto":
         return gpu or alive
-    raise ValueError(f"nodes must be one of {NODE_SELECTORS} or 'resource:NAME', got {nodes!r}")
+    raise ValueError(
+        f"nodes must be one of {NODE_SELECTORS}, 'resource:NAME' or 'label:KEY=VALUE', got {nodes!r}"
+    )
 
 
 def _actor_class():
@@ -66,11 +72,12 @@ def ensure_workers(
     disk_dir: str,
     nodes: str = "auto",
     policy: str = "lru",
+    resize: bool = True,
 ) -> List[WorkerRef]:
     """Start a worker on every cache node that has none; attach to the others.
 
     Returns the live workers. Existing workers keep their contents; when capacities are
-    given explicitly they are applied to them at run time.
+    given explicitly (and ``resize``) they are applied to them at run time.
     """
     cls = _actor_class()
     created, refs = [], []
@@ -87,6 +94,9 @@ def ensure_workers(
                 disk_bytes=disk_bytes or 0,
                 disk_dir=disk_dir,
                 policy=policy,
+                nodes=nodes,
+                requested_memory_bytes=memory_bytes,
+                requested_disk_bytes=disk_bytes,
             )
             handle = cls.options(
                 name=name,
@@ -102,7 +112,7 @@ def ensure_workers(
             fresh = True
         if fresh:
             created.append(handle.ping.remote())
-        elif memory_bytes or disk_bytes:
+        elif resize and (memory_bytes or disk_bytes):
             created.append(handle.configure.remote(memory_bytes, disk_bytes))
         refs.append(WorkerRef(node_id, name, handle))
     ray.get(created)

@@ -48,12 +48,19 @@ class WorkerConfig:
         Root directory of the disk tier; each worker claims its own ``slot-N`` below it.
     policy : str
         Name of the eviction policy (see ``ray_cache.tiers.policy.POLICIES``).
+    nodes : str
+        The node selector the cache was started with (new nodes are chosen alike).
+    requested_memory_bytes, requested_disk_bytes : int or None
+        What the user asked for (None: sized from each node), applied to new nodes.
     """
 
     memory_bytes: int
     disk_bytes: int
     disk_dir: str
     policy: str = "lru"
+    nodes: str = "auto"
+    requested_memory_bytes: Optional[int] = None
+    requested_disk_bytes: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -9,6 +9,7 @@ is not slowed by local disk writes; :meth:`CacheWorker.flush` waits for them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -46,7 +47,7 @@ class CacheWorker:
         cfg = WorkerConfig(**config)
         disk_dir = validate_disk_dir(cfg.disk_dir)
         if cfg.disk_bytes <= 0:  # "size it from this node's free disk"
-            cfg = WorkerConfig(cfg.memory_bytes, default_disk_bytes(disk_dir), disk_dir, cfg.policy)
+            cfg = dataclasses.replace(cfg, disk_bytes=default_disk_bytes(disk_dir), disk_dir=disk_dir)
         self.node_id = node_id
         self.config = cfg
         self.memory = MemoryTier(cfg.memory_bytes, cfg.policy)
@@ -70,6 +71,8 @@ class CacheWorker:
             errors=0,
             fallbacks=0,
             fallback_bytes=0,
+            bytes_served_local=0,
+            bytes_served_remote=0,
         )
         self.started_at = time.time()
 
@@ -93,6 +96,14 @@ class CacheWorker:
         for fut in pending:
             fut.exception()
         return len(pending)
+
+    def note_served(self, local_bytes: int, remote_bytes: int) -> None:
+        """Count bytes a reader took from this worker on its own node or from another."""
+        self._count(bytes_served_local=local_bytes, bytes_served_remote=remote_bytes)
+
+    def get_config(self) -> Dict[str, Any]:
+        """The settings this worker runs with (used to start workers on new nodes alike)."""
+        return self.config.to_dict()
 
     def note_fallback(self, units: int, nbytes: int) -> None:
         """Count reads that a client served from the store because another worker was gone."""

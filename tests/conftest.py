@@ -23,13 +23,29 @@ BUCKET = "ray-cache-tests"
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole run (starting Ray costs seconds)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
+def ray_cluster():
+    """One Ray cluster for the whole run: a head node now, more raylets added by tests.
+
+    Starting Ray costs seconds, so every test shares it. Multi-node tests add nodes
+    (declaring GPUs they do not have) and remove them again when they end.
+    """
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 1 << 30, "include_dashboard": False},
+    )
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield cluster
     ray_cache.shutdown()
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """Ray is up (on the shared cluster's head node)."""
+    yield
 
 
 @pytest.fixture(scope="session")

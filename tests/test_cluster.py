@@ -1,0 +1,185 @@
+"""A cache that spans the cluster: several raylets on this machine, nodes declaring GPUs.
+
+Placement on GPU nodes, warm reads with no data GETs, joins and leaves that move only
+their share of keys, node loss and worker death mid-read, single flight.
+"""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+import ray_cache
+from ray_cache import client, cluster, fetch, hashing
+from ray_cache.datasource import CachedParquetDatasource
+from ray_cache.testing import CountingProxy
+from conftest import BUCKET, data_gets, read_all, write_dataset
+from ray_cache.testing import s3_data_gets
+
+pytestmark = pytest.mark.slow
+
+NODE = dict(num_cpus=1, num_gpus=1, object_store_memory=256 << 20)
+
+
+@pytest.fixture()
+def gpu_nodes(ray_cluster):
+    """Two extra raylets that declare one GPU each; removed (with their workers) at the end."""
+    added = []
+
+    def add(n: int = 1):
+        new = [ray_cluster.add_node(**NODE) for _ in range(n)]
+        ray_cluster.wait_for_nodes()
+        added.extend(new)
+        return new
+
+    add(2)
+    yield add, added
+    ray_cache.shutdown()
+    for node in added:
+        if node in ray_cluster.list_all_nodes():
+            ray_cluster.remove_node(node)
+
+
+def _gpu_node_ids():
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
+
+
+def _expected(fs, paths):
+    import pyarrow as pa
+
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in paths]).sort_by("id")
+
+
+def _fetched_bytes(proxy):
+    return sum(r["response_body_bytes"] for r in data_gets(proxy))
+
+
+def test_workers_go_to_gpu_nodes_and_new_nodes_join(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
+    add, _ = gpu_nodes
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    assert {w["node_id"] for w in ray_cache.status().workers} == _gpu_node_ids()
+    head = ray.get_runtime_context().get_node_id()
+    assert head not in {w["node_id"] for w in ray_cache.status().workers}
+    add(1)  # a node joins: the next read starts its worker, the others keep running
+    pids = {w["node_id"]: w["pid"] for w in ray_cache.status().workers}
+    write_dataset(s3fs_direct, prefix, files=1, rows=2_000, rg_rows=1_000)
+    read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied))
+    after = {w["node_id"]: w["pid"] for w in ray_cache.status().workers}
+    assert set(after) == _gpu_node_ids() and len(after) == 3
+    assert all(after[n] == pid for n, pid in pids.items())
+    # workers take no CPU or GPU from training
+    assert ray.available_resources().get("GPU", 0) == 3
+    ray_cache.shutdown()
+    ray_cache.start(nodes="all", memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    assert len(ray_cache.status().workers) == 4
+
+
+def test_warm_cluster_read_sends_no_data_request(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    paths = write_dataset(s3fs_direct, prefix, files=6, rows=10_000, rg_rows=10_000)
+    want = _expected(s3fs_direct, paths)
+    assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)).equals(want)
+    per_worker = [w["misses"] for w in ray_cache.status().workers]
+    assert all(m > 0 for m in per_worker), f"keys spread over both workers: {per_worker}"
+    proxy.reset()
+    assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)).equals(want)
+    assert data_gets(proxy) == []
+    s = ray_cache.stats()
+    assert s["bytes_served_local"] + s["bytes_served_remote"] > 0
+
+
+def test_join_refetches_at_most_its_share(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    add, _ = gpu_nodes
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    paths = write_dataset(s3fs_direct, prefix, files=24, rows=4_000, rg_rows=4_000)
+    url = f"s3://{prefix}/"
+    proxy.reset()
+    read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    cold = _fetched_bytes(proxy)
+    add(1)  # N=2 -> N+1=3
+    proxy.reset()
+    got = read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    moved = _fetched_bytes(proxy)
+    assert got.equals(_expected(s3fs_direct, paths))
+    assert len(ray_cache.status().workers) == 3
+    assert 0 < moved <= 1.5 / 3 * cold, f"re-fetched {moved} of {cold} bytes after a join"
+
+
+def test_leave_refetches_at_most_what_the_node_held(gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    _, added = gpu_nodes
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    paths = write_dataset(s3fs_direct, prefix, files=12, rows=4_000, rg_rows=4_000)
+    url = f"s3://{prefix}/"
+    read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    leaving = added[0]
+    held = {w["node_id"]: w["bytes_from_under_store"] for w in ray_cache.status().workers}
+    leaving_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == leaving.node_manager_port)
+    ray_cluster.remove_node(leaving)
+    assert leaving_id not in {w["node_id"] for w in ray_cache.status().workers}
+    proxy.reset()
+    got = read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    assert got.equals(_expected(s3fs_direct, paths))
+    assert _fetched_bytes(proxy) <= held[leaving_id] * 1.05 + 64 * 1024
+
+
+def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, prefix):
+    _, added = gpu_nodes
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    paths = write_dataset(s3fs_direct, prefix, files=12, rows=4_000, rg_rows=2_000)
+    url = f"s3://{prefix}/"
+    read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))  # warm the cache
+    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)  # multi-node: read tasks
+    import pyarrow as pa
+
+    seen = []
+    it = iter(ds.iter_batches(batch_size=1_000, batch_format="pyarrow"))
+    seen.append(next(it))
+    ray_cluster.remove_node(added[0])  # mid-epoch
+    seen.extend(it)
+    got = pa.concat_tables(seen).sort_by("id")
+    assert got.equals(_expected(s3fs_direct, paths))
+
+
+def test_killed_worker_mid_read_falls_back_counted(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    paths = write_dataset(s3fs_direct, prefix, files=8, rows=4_000, rg_rows=4_000)
+    url = f"s3://{prefix}/"
+    read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)  # planned with both workers
+    victim = cluster.live_workers()[0]
+    ray.kill(victim.handle, no_restart=True)
+    got = read_all(ds)
+    assert got.equals(_expected(s3fs_direct, paths))
+    assert ray_cache.stats()["fallbacks"] > 0, "fallbacks must be visible, not silent"
+
+
+def test_single_flight_one_fetch_for_many_readers(cache, s3_server, s3fs_direct, prefix):
+    import s3fs
+
+    paths = write_dataset(s3fs_direct, prefix, files=1, rows=8_000, rg_rows=8_000)
+    with CountingProxy(s3_server.endpoint_url, latency_ms=400) as slow:
+        fs = s3fs.S3FileSystem(**s3_server.storage_options(endpoint_url=slow.url), skip_instance_cache=True)
+        objects = ray_cache.underfs.list_objects(fs, [paths[0]])
+        workers = cluster.live_workers()
+        source = CachedParquetDatasource(fs, objects, workers)
+        (req,) = source.requests
+        slow.reset()
+
+        @ray.remote(num_cpus=0)
+        def reader():
+            return list(client.read_units(fs, [req], workers))[0]
+
+        tables = ray.get([reader.remote() for _ in range(6)])
+        direct = workers[0].handle.get_many.options(num_returns="streaming").remote(fs, [req] * 8)
+        items = [ray.get(r) for r in direct]
+        gets = s3_data_gets(slow.requests(), BUCKET)
+    assert all(t.equals(tables[0]) for t in tables)
+    assert all(i[0] == "ok" for i in items)
+    assert len(gets) == 1, f"{len(gets)} fetches of one cold unit"
