@@ -28,6 +28,26 @@ class UnitRequest:
     columns: Optional[Tuple[str, ...]]
 
 
+@dataclass(frozen=True)
+class PageRequest:
+    """A fixed-size page ``[start, end)`` of one object version (the fsspec path)."""
+
+    key: EntryKey
+    obj: StoreObject
+    start: int
+    end: int
+
+
+def page_key(obj: StoreObject, index: int, page_size: int) -> EntryKey:
+    """The cache key of page ``index`` of an object, for a given page size."""
+    return EntryKey(obj.protocol, obj.path, obj.version, f"page{page_size}", index, index + 1)
+
+
+def page_request(obj: StoreObject, index: int, page_size: int) -> PageRequest:
+    start = index * page_size
+    return PageRequest(page_key(obj, index, page_size), obj, start, min(obj.size, start + page_size))
+
+
 #: Called with (requests, bytes) after each fetch, to count traffic to the store.
 Counter = Callable[[int, int], None]
 
@@ -85,3 +105,16 @@ def read_unit(
     check_version(fs, obj)
     segments = {start: blob for (start, _end), blob in zip(ranges, blobs)}
     return parquet.decode_unit(obj.size, req.footer, meta, req.unit, req.columns, segments)
+
+
+def read_page(fs: Any, req: PageRequest, count: Optional[Counter] = None) -> bytes:
+    """Fetch one page of the planned version."""
+    if req.end <= req.start:
+        return b""
+    (data,) = fetcher(fs, req.obj, count)([(req.start, req.end)])
+    if len(data) != req.end - req.start:
+        raise ObjectChangedError(
+            f"{req.obj.url}: expected {req.end - req.start} bytes at {req.start}, got {len(data)}"
+        )
+    check_version(fs, req.obj)
+    return data

@@ -27,6 +27,7 @@ class Tier:
         self.sizes: Dict[str, int] = {}
         self.used = 0
         self.evictions = 0
+        self.pinned: set = set()
         self.lock = threading.RLock()
 
     # -- storage hooks -------------------------------------------------------------
@@ -47,15 +48,32 @@ class Tier:
             if key in self.sizes:
                 self.policy.touch(key)
 
+    @property
+    def pinned_bytes(self) -> int:
+        with self.lock:
+            return sum(self.sizes.get(k, 0) for k in self.pinned)
+
+    def pin(self, keys) -> None:
+        """Never evict ``keys`` (those present) until :meth:`unpin`."""
+        with self.lock:
+            self.pinned.update(k for k in keys if k in self.sizes)
+
+    def unpin(self, keys) -> None:
+        with self.lock:
+            self.pinned.difference_update(keys)
+
     def reserve(self, key: str, nbytes: int) -> bool:
-        """Make room for ``nbytes`` and account for ``key``; False if it cannot enter."""
+        """Make room for ``nbytes`` and account for ``key``; False if it cannot enter.
+
+        Room is made only from unpinned entries: a new entry never evicts a pinned one.
+        """
         with self.lock:
             if key in self.sizes:
                 self.policy.touch(key)
                 return True
             if not self.policy.admit(key, nbytes, self.capacity - self.used, self.capacity):
                 return False
-            if nbytes > self.capacity:
+            if nbytes > self.capacity - self.pinned_bytes:
                 return False
             self._evict_until(self.capacity - nbytes)
             self.sizes[key] = nbytes
@@ -69,14 +87,20 @@ class Tier:
             nbytes = self.sizes.pop(key, None)
             if nbytes is None:
                 return None
+            self.pinned.discard(key)
             self.used -= nbytes
             self.policy.remove(key)
             self._drop(key)
             return nbytes
 
     def resize(self, capacity: int) -> List[str]:
-        """Change capacity at run time, evicting what no longer fits."""
+        """Change capacity at run time, evicting what no longer fits (never pins)."""
         with self.lock:
+            if capacity < self.pinned_bytes:
+                raise ValueError(
+                    f"{self.name} capacity {capacity} is below the {self.pinned_bytes} bytes "
+                    "pinned there; unpin first"
+                )
             self.capacity = int(capacity)
             return self._evict_until(self.capacity)
 
@@ -87,7 +111,7 @@ class Tier:
         for victim in self.policy.victims():
             if self.used <= limit:
                 break
-            if victim in self.sizes:
+            if victim in self.sizes and victim not in self.pinned:
                 self.remove(victim)
                 self.evictions += 1
                 evicted.append(victim)

@@ -22,6 +22,9 @@ import pyarrow as pa
 from .base import Tier
 
 _KEY_FIELD = b"ray_cache.key"
+_PROTOCOL_FIELD = b"ray_cache.protocol"
+_PATH_FIELD = b"ray_cache.path"
+_OURS = (_KEY_FIELD, _PROTOCOL_FIELD, _PATH_FIELD)
 _SUFFIX = ".arrow"
 
 
@@ -56,6 +59,8 @@ class DiskTier(Tier):
         self.root = root
         self.slot, self._lock_fd = claim_slot(root)
         self.corrupt_dropped = 0
+        #: ``key -> (protocol, path)`` of each entry, read back from files on re-index.
+        self.labels: dict = {}
         self._reindex()
 
     def close(self) -> None:
@@ -75,17 +80,25 @@ class DiskTier(Tier):
                 if name.startswith(".tmp-"):
                     os.unlink(full)  # an interrupted write; never visible under a real name
                 elif name.endswith(_SUFFIX):
+                    key = name[: -len(_SUFFIX)]
+                    label = _read_label(full, key)
+                    if label is None:  # damaged or foreign: never served, so remove it
+                        self.corrupt_dropped += 1
+                        os.unlink(full)
+                        continue
                     st = os.stat(full)
-                    found.append((st.st_mtime, name[: -len(_SUFFIX)], st.st_size))
+                    found.append((st.st_mtime, key, st.st_size, label))
         found.sort()  # oldest first, so the policy's LRU order matches file age
         with self.lock:
-            for _mtime, key, size in found:
+            for _mtime, key, size, label in found:
                 self.sizes[key] = size
                 self.used += size
+                self.labels[key] = label
                 self.policy.touch(key)
             self._evict_until(self.capacity)
 
     def _drop(self, key: str) -> None:
+        self.labels.pop(key, None)
         try:
             os.unlink(self._path(key))
         except FileNotFoundError:
@@ -107,19 +120,25 @@ class DiskTier(Tier):
             self.remove(key)
             return None
         table = table.replace_schema_metadata(
-            {k: v for k, v in meta.items() if k != _KEY_FIELD} or None
+            {k: v for k, v in meta.items() if k not in _OURS} or None
         )
         os.utime(path)
         self.touch(key)
         return table
 
-    def put(self, key: str, table: pa.Table) -> bool:
-        """Write ``table`` as an IPC file if it fits; returns whether it was stored."""
+    def put(self, key: str, table: pa.Table, label: tuple = ("", "")) -> bool:
+        """Write ``table`` as an IPC file if it fits; returns whether it was stored.
+
+        ``label`` is the entry's ``(protocol, path)``, kept in the file so that entries can
+        be freed by path after a restart.
+        """
         if key in self:
             self.touch(key)
             return True
         meta = dict(table.schema.metadata or {})
         meta[_KEY_FIELD] = key.encode()
+        meta[_PROTOCOL_FIELD] = label[0].encode()
+        meta[_PATH_FIELD] = label[1].encode()
         tagged = table.replace_schema_metadata(meta)
         directory = os.path.dirname(self._path(key))
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -134,6 +153,8 @@ class DiskTier(Tier):
                 os.unlink(tmp)
                 return False
             os.replace(tmp, self._path(key))
+            with self.lock:
+                self.labels[key] = tuple(label)
             return True
         except OSError:
             if os.path.exists(tmp):
@@ -141,3 +162,15 @@ class DiskTier(Tier):
             if reserved:
                 self.remove(key)
             raise
+
+
+def _read_label(path: str, key: str):
+    """``(protocol, path)`` from an entry file's schema, or None if it is not a valid entry."""
+    try:
+        with pa.memory_map(path, "r") as source:
+            meta = pa.ipc.open_file(source).schema.metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    if meta.get(_KEY_FIELD) != key.encode():
+        return None
+    return (meta.get(_PROTOCOL_FIELD, b"").decode(), meta.get(_PATH_FIELD, b"").decode())
