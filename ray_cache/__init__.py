@@ -8,7 +8,21 @@ Examples
 0
 """
 
-from .api import CacheStatus, read_parquet, shutdown, start, stats, status
+from .api import (
+    CacheStatus,
+    configure,
+    free,
+    invalidate,
+    load,
+    pin,
+    read_parquet,
+    shutdown,
+    start,
+    stats,
+    status,
+    unpin,
+)
+from .entries import PinCapacityError
 from .errors import CacheError, NotParquetError, ObjectChangedError
 
 __version__ = "0.1.0"
@@ -19,7 +33,14 @@ __all__ = [
     "shutdown",
     "stats",
     "status",
+    "load",
+    "pin",
+    "unpin",
+    "free",
+    "invalidate",
+    "configure",
     "CacheStatus",
+    "PinCapacityError",
     "CacheError",
     "NotParquetError",
     "ObjectChangedError",

@@ -1,4 +1,4 @@
-"""The public functions: ``read_parquet``, ``start``, ``shutdown``, ``stats``, ``status``.
+"""The public functions: reading, starting and stopping, looking, and steering the cache.
 
 Thin on purpose: each resolves its inputs, finds the workers through
 :mod:`ray_cache.cluster` and hands the work to the layer below.
@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import ray
 
-from . import cluster, fastpath, underfs
+from . import cluster, fastpath, ops, underfs
+from .entries import COUNTERS
 from .config import default_disk_dir, validate_capacity, validate_disk_dir
 from .datasource import CachedParquetDatasource
 
@@ -22,27 +23,13 @@ log = logging.getLogger("ray_cache")
 PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 #: Counters summed over workers by :func:`stats`.
-STAT_FIELDS = (
-    "hits",
-    "misses",
-    "memory_hits",
-    "disk_hits",
-    "bytes_from_cache",
-    "bytes_from_under_store",
-    "requests_to_under_store",
-    "evictions",
-    "fallbacks",
-    "fallback_bytes",
-    "bytes_served_local",
-    "bytes_served_remote",
-    "single_flight_waits",
-    "errors",
-)
+STAT_FIELDS = COUNTERS + ("evictions", "memory_evictions", "disk_evictions")
 
 
 def _ensure_ray() -> None:
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        # No dashboard: nothing should listen on a port the user did not ask for.
+        ray.init(logging_level=logging.WARNING, include_dashboard=False)
 
 
 def start(
@@ -245,3 +232,152 @@ def status(timeout: float = 10.0) -> CacheStatus:
         except Exception as exc:  # noqa: BLE001 - a dead worker is reported, not raised
             records.append({"node_id": w.node_id, "error": type(exc).__name__})
     return CacheStatus(records)
+
+
+def load(
+    paths: PathArg,
+    *,
+    columns: Optional[Sequence[str]] = None,
+    filesystem: Any = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+    ttl: Optional[float] = None,
+    background: bool = False,
+    progress: Optional[bool] = None,
+) -> Union["ops.LoadReport", "ops.LoadJob"]:
+    """Preload objects so that the first read afterwards sends no data request.
+
+    Parquet objects are loaded as ``read_parquet`` reads them (row-group units for
+    ``columns``, and their footers); other objects as pages for the ``raycache``
+    filesystem. Each entry is filled by the worker that owns it. Loading again skips what
+    is cached, so an interrupted load resumes.
+
+    Parameters
+    ----------
+    paths, columns, filesystem, storage_options
+        As for :func:`read_parquet`.
+    ttl : float, optional
+        Seconds after which the loaded entries expire.
+    background : bool
+        Return a :class:`~ray_cache.ops.LoadJob` at once (``wait()``, ``cancel()``,
+        ``progress``) instead of the report.
+    progress : bool, optional
+        Show a progress bar (default: when interactive).
+
+    Returns
+    -------
+    LoadReport or LoadJob
+
+    Examples
+    --------
+    >>> report = ray_cache.load("s3://bucket/train/", columns=["x", "y"])  # doctest: +SKIP
+    >>> report.fetched, report.already_cached, report.failures  # doctest: +SKIP
+    (32, 0, [])
+    """
+    if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
+
+    def work(cancel=None, on_progress=None) -> "ops.LoadReport":
+        report = ops.run_load(p, progress=progress, cancel=cancel, on_progress=on_progress)
+        if ttl is not None:
+            for owner, digests in report.digests.items():
+                ray.get(p.workers[owner].handle.set_ttl.remote(digests, ttl), timeout=120)
+        return report
+
+    return ops.LoadJob(work) if background else work()
+
+
+def pin(
+    paths: PathArg,
+    *,
+    columns: Optional[Sequence[str]] = None,
+    filesystem: Any = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+    ttl: Optional[float] = None,
+    progress: Optional[bool] = None,
+) -> "ops.LoadReport":
+    """Load ``paths`` (if needed) and pin them: pinned entries are never evicted.
+
+    Pinning more than a tier can hold beside what is already pinned raises
+    :class:`ray_cache.PinCapacityError` and pins nothing of this call; other pins stay.
+
+    Examples
+    --------
+    >>> ray_cache.pin("s3://bucket/eval/")  # doctest: +SKIP
+    """
+    if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
+    report = ops.run_load(p, progress=progress)
+    if report.failures:
+        url, why = report.failures[0]
+        raise OSError(f"could not load {url} to pin it: {why}")
+    ops.pin_loaded(report, p.workers, ttl)
+    return report
+
+
+def _patterns(paths: PathArg, filesystem: Any, storage_options: Optional[Dict[str, Any]]):
+    fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
+    return fs, underfs._protocol_of(fs), stripped
+
+
+def unpin(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
+    """Unpin entries of objects under ``paths`` (files, prefixes or globs); returns how many.
+
+    Examples
+    --------
+    >>> ray_cache.unpin("s3://bucket/eval/")  # doctest: +SKIP
+    12
+    """
+    _fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
+    _ensure_ray()
+    return ops.by_path("unpin", protocol, patterns, cluster.live_workers())
+
+
+def free(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
+    """Drop every cached entry (all versions, both tiers, pinned or not) under ``paths``.
+
+    Needs no access to the store: entries are matched by path on each worker.
+
+    Examples
+    --------
+    >>> ray_cache.free("s3://bucket/old-epoch/")  # doctest: +SKIP
+    48
+    """
+    _fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
+    _ensure_ray()
+    return ops.by_path("free", protocol, patterns, cluster.live_workers())
+
+
+def invalidate(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
+    """Tell the cache the source changed under ``paths``: the next read re-checks and re-fetches.
+
+    Reads always re-list object versions, so a rewrite is noticed anyway; invalidating
+    also drops the old entries at once (freeing their room) and clears listing caches.
+
+    Examples
+    --------
+    >>> ray_cache.invalidate("s3://bucket/daily/2026-11-28/")  # doctest: +SKIP
+    16
+    """
+    fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
+    for p in patterns:
+        try:
+            fs.invalidate_cache(p)
+        except Exception:  # noqa: BLE001 - not every filesystem keeps a listing cache
+            pass
+    _ensure_ray()
+    return ops.by_path("free", protocol, patterns, cluster.live_workers())
+
+
+def configure(*, memory_bytes: Optional[int] = None, disk_bytes: Optional[int] = None) -> None:
+    """Change every worker's tier capacities now, without a restart.
+
+    Examples
+    --------
+    >>> ray_cache.configure(memory_bytes=16 << 30)  # doctest: +SKIP
+    """
+    memory_bytes = validate_capacity("memory_bytes", memory_bytes)
+    disk_bytes = validate_capacity("disk_bytes", disk_bytes)
+    _ensure_ray()
+    ray.get([w.handle.configure.remote(memory_bytes, disk_bytes) for w in cluster.live_workers()], timeout=120)

@@ -5,6 +5,9 @@ Examples
     ray-cache status                 # a table per worker
     ray-cache stats --json           # counters for scripts
     ray-cache start --memory 4GiB --disk 100GiB
+    ray-cache load s3://bucket/train/ --columns x,y --storage-options '{"anon": false}'
+    ray-cache pin s3://bucket/eval/      ray-cache unpin s3://bucket/eval/
+    ray-cache free s3://bucket/old/      ray-cache invalidate s3://bucket/daily/
     ray-cache stop
 """
 
@@ -37,9 +40,28 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _reachable(address: str, timeout: float = 3.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection (Ray itself would retry for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not host:port ("auto", "ray://..."): let Ray decide
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _connect(address: str) -> None:
     import ray
 
+    if not _reachable(address):
+        raise SystemExit(
+            f"ray-cache: no Ray cluster answers at --address {address!r}. "
+            "Start one with `ray start --head` or pass the right address."
+        )
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
@@ -63,10 +85,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     start.add_argument("--disk-dir", help="disk tier directory on each node")
     start.add_argument("--nodes", default="auto", help="auto, all, gpu or resource:NAME")
     sub.add_parser("stop", help="stop the workers (disk tiers stay)")
+    for name, text in (("load", "preload objects (resumable)"), ("pin", "load and pin objects"),
+                       ("unpin", "unpin objects"), ("free", "drop cached objects"),
+                       ("invalidate", "drop cached objects after a source update")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("paths", nargs="+", help="files, prefixes or globs (s3://, gs://, abfs://, local)")
+        cmd.add_argument("--storage-options", type=json.loads, default=None,
+                         help="fsspec options as JSON (credentials are better left to the environment)")
+        if name in ("load", "pin"):
+            cmd.add_argument("--columns", type=lambda t: [c for c in t.split(",") if c],
+                             help="comma-separated Parquet columns")
+            cmd.add_argument("--ttl", type=float, help="seconds until the entries expire")
     args = parser.parse_args(argv)
 
     _connect(args.address)
     import ray_cache
+    from ray_cache.display import human
 
     if args.command == "status":
         st = ray_cache.status()
@@ -84,6 +118,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "stop":
         n = ray_cache.shutdown()
         print(json.dumps({"stopped": n}) if args.json else f"stopped {n} cache workers")
+    elif args.command in ("load", "pin"):
+        fn = ray_cache.load if args.command == "load" else ray_cache.pin
+        report = fn(args.paths, columns=args.columns, storage_options=args.storage_options, ttl=args.ttl)
+        fields = {k: v for k, v in vars(report).items() if k != "digests"}
+        if args.json:
+            print(json.dumps(fields))
+        else:
+            print(f"{report.entries} entries ({human(report.bytes)}): {report.fetched} fetched, "
+                  f"{report.already_cached} already cached, {len(report.failures)} failed, "
+                  f"{report.seconds:.1f} s")
+            for url, why in report.failures:
+                print(f"  failed: {url}: {why}")
+        return 1 if report.failures else 0
+    else:  # unpin, free, invalidate
+        n = getattr(ray_cache, args.command)(args.paths, storage_options=args.storage_options)
+        print(json.dumps({args.command: n}) if args.json else f"{args.command}: {n} entries")
     return 0
 
 

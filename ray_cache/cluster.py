@@ -137,8 +137,14 @@ def live_workers() -> List[WorkerRef]:
     return sorted(out, key=lambda w: w.name)
 
 
-def stop_workers() -> int:
-    """Kill every worker (their disk tiers stay on disk); returns how many."""
+def stop_workers(timeout_s: float = 60.0) -> int:
+    """Kill every worker (their disk tiers stay on disk); returns how many.
+
+    Returns only once the names are free again: ``ray.kill`` is asynchronous, and a
+    ``start`` racing it would attach to the dying worker instead of starting a new one.
+    """
+    import time
+
     workers = live_workers()
     for w in workers:
         try:
@@ -146,4 +152,12 @@ def stop_workers() -> int:
         except Exception:  # noqa: BLE001 - a dead worker has nothing to flush
             pass
         ray.kill(w.handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    for w in workers:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(w.name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.05)  # polling Ray's actor table for the name to be released
     return len(workers)

@@ -21,6 +21,8 @@ DISK_FRACTION = 0.25
 DISK_DEFAULT_CAP = 64 * 1024**3
 #: A run of row groups is grouped into one entry up to this many uncompressed bytes.
 UNIT_TARGET_BYTES = 64 * 1024**2
+#: Size of a page of a raw object on the fsspec path (see ray_cache.fs for why).
+PAGE_SIZE = 4 * 1024**2
 #: Seconds a caller waits on a worker before treating it as gone and reading the store.
 WORKER_TIMEOUT_S = 120.0
 

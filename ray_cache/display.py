@@ -6,6 +6,7 @@ import html
 from typing import Any, Dict, List
 
 COLUMNS = [
+    ("node ip", lambda r: str(r.get("node_ip", ""))),
     ("node", lambda r: str(r.get("node_id", ""))[:8]),
     ("memory", lambda r: f"{human(r.get('memory_bytes_used'))} / {human(r.get('memory_bytes_capacity'))}"),
     ("disk", lambda r: f"{human(r.get('disk_bytes_used'))} / {human(r.get('disk_bytes_capacity'))}"),
@@ -44,7 +45,7 @@ def ratio(hits: int, misses: int) -> str:
 
 def _rows(status: Any) -> List[List[str]]:
     return [
-        [fn(r) if "error" not in r or name == "node" else r["error"] for name, fn in COLUMNS]
+        [fn(r) if "error" not in r or name.startswith("node") else r["error"] for name, fn in COLUMNS]
         for r in status.workers
     ]
 

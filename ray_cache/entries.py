@@ -37,7 +37,7 @@ COUNTERS = (
     "hits", "misses", "memory_hits", "disk_hits", "bytes_from_cache", "bytes_from_memory",
     "bytes_from_disk", "bytes_from_under_store", "requests_to_under_store",
     "single_flight_waits", "disk_write_errors", "errors", "fallbacks", "fallback_bytes",
-    "bytes_served_local", "bytes_served_remote", "expired",
+    "bytes_served_local", "bytes_served_remote", "expired", "loaded_entries",
 )
 
 

@@ -124,6 +124,7 @@ class CacheWorker:
 
     def pin(self, digests: Sequence[str], ttl_s: Optional[float] = None) -> Dict[str, int]:
         """Pin entries (raises ``PinCapacityError`` without pinning any if they do not fit)."""
+        self.cache.flush()  # pending disk writes decide what is present (and may evict)
         present = [d for d in digests if d in self.cache.memory or d in self.cache.disk]
         result = self.cache.pin(present)
         if ttl_s is not None:
@@ -134,6 +135,9 @@ class CacheWorker:
         digests = self.cache.digests_matching(protocol, patterns)
         self.cache.unpin(digests)
         return len(digests)
+
+    def unpin_digests(self, digests: Sequence[str]) -> None:
+        self.cache.unpin(digests)
 
     def set_ttl(self, digests: Sequence[str], ttl_s: Optional[float]) -> None:
         self.cache.set_ttl(digests, ttl_s)
@@ -187,6 +191,8 @@ class CacheWorker:
     def load(self, fs: Any, requests: Sequence[Request]) -> Iterator[Tuple]:
         """Like :meth:`get_many` but ship no data: ``("ok", nbytes, tier)`` per request."""
         for item in self.get_many(fs, requests):
+            if item[0] == "ok" and item[3] == "store":
+                self.cache.count(loaded_entries=1)
             yield item if item[0] == "err" else ("ok", item[2], item[3])
 
     def _serve(self, fs: Any, req: Request):

@@ -10,6 +10,8 @@ import os
 import tempfile
 import uuid
 
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports, no Prometheus probes
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

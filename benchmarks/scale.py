@@ -1,0 +1,299 @@
+"""Scaling: warm throughput, store traffic and key movement as cache nodes come and go.
+
+Run it with::
+
+    python benchmarks/scale.py [--files 24] [--rows-per-file 100000] [--max-nodes 4] \\
+        [--repeats 3] [--json out.json]
+
+It builds a Ray cluster on this machine (``ray.cluster_utils.Cluster``): a head node
+with no cache worker, plus N raylets that declare one GPU each (the cache nodes). A
+synthetic Parquet dataset (one row group per file, so one cache unit per file) sits in a
+local S3 server (moto) behind an unthrottled counting proxy that counts the object data
+GETs reaching the store. For N = 1 .. ``--max-nodes`` it starts a fresh cache (empty
+tiers, sized so everything fits), reads once cold, then ``--repeats`` warm passes, each
+timed from ``ray_cache.read_parquet`` to the last batch of
+``iter_batches(batch_size=65536, batch_format="pyarrow")``. It reports the best warm
+rows/s, store bytes fetched cold and warm (warm must be 0), the share of warm bytes
+served node-local vs remote (multi-node reads use read tasks) and entries per worker.
+
+Key movement: from N=2 warm, one GPU node joins and the data is read again: the bytes
+re-fetched from the store over the cold bytes must stay within 1.5/(N+1). From N=3 warm,
+one GPU node is removed and the data is read again: the re-fetch must be at most what
+that node's worker had fetched from the store (its ``bytes_from_under_store``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BUCKET = "ray-cache-bench"
+PREFIX = "scale"
+BATCH_SIZE = 65536
+NODE = dict(num_cpus=1, num_gpus=1, object_store_memory=256 << 20)
+MEMORY_BYTES = 160 << 20  # per worker: the whole dataset fits even on one node
+DISK_BYTES = 512 << 20
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (stdout carries the report)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_dataset(fs: Any, files: int, rows: int) -> int:
+    """Write ``files`` single-row-group Parquet objects of ``rows`` rows; return bytes."""
+    rng = np.random.default_rng(0)
+    total = 0
+    for i in range(files):
+        start = i * rows
+        table = pa.table({
+            "id": pa.array(np.arange(start, start + rows, dtype=np.int64)),
+            "x": pa.array(rng.standard_normal(rows)),
+            "y": pa.array(rng.random(rows, dtype=np.float32)),
+            "label": pa.array(rng.integers(0, 1000, rows, dtype=np.int64)),
+        })
+        path = f"{BUCKET}/{PREFIX}/part-{i:05d}.parquet"
+        with fs.open(path, "wb") as fh:
+            pq.write_table(table, fh, row_group_size=rows)
+        total += fs.info(path)["size"]
+    return total
+
+
+class Reader:
+    """One pass = read_parquet through the proxy + iterate; counts store bytes and stats."""
+
+    def __init__(self, url: str, fs: Any, proxy: Any, rows: int) -> None:
+        self.url, self.fs, self.proxy, self.rows = url, fs, proxy, rows
+
+    def one_pass(self) -> float:
+        import ray_cache
+
+        rows = 0
+        t0 = time.perf_counter()
+        ds = ray_cache.read_parquet(self.url, filesystem=self.fs)
+        for batch in ds.iter_batches(batch_size=BATCH_SIZE, batch_format="pyarrow"):
+            rows += batch.num_rows
+        seconds = time.perf_counter() - t0
+        if rows != self.rows:
+            raise RuntimeError(f"read {rows} rows, expected {self.rows}")
+        return seconds
+
+    def store_bytes(self) -> int:
+        """Body bytes of the data GETs that reached the store since the last reset."""
+        from ray_cache.testing import s3_data_gets
+
+        return sum(int(r["response_body_bytes"]) for r in s3_data_gets(self.proxy.requests(), BUCKET))
+
+    def counted(self, passes: int) -> tuple[List[float], int]:
+        """Times of ``passes`` passes and the store bytes they fetched together."""
+        self.proxy.reset()
+        times = [self.one_pass() for _ in range(passes)]
+        return times, self.store_bytes()
+
+
+def settled_stats() -> Dict[str, int]:
+    """``ray_cache.stats()`` once the read tasks' fire-and-forget counters have landed."""
+    import ray_cache
+
+    last = ray_cache.stats()
+    for _ in range(20):
+        time.sleep(0.25)
+        now = ray_cache.stats()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def node_id_of(node: Any) -> str:
+    """The Ray node id of a node handle from ``Cluster.add_node``."""
+    import ray
+
+    return next(n["NodeID"] for n in ray.nodes()
+                if n["Alive"] and n["NodeManagerPort"] == node.node_manager_port)
+
+
+def fresh_cache(tmp: str, n: int) -> None:
+    """Stop the workers and start new ones (empty tiers) on a new disk directory."""
+    import ray_cache
+
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=MEMORY_BYTES, disk_bytes=DISK_BYTES,
+                    disk_dir=tempfile.mkdtemp(prefix=f"cache-n{n}-", dir=tmp))
+
+
+def measure(reader: Reader, n: int, repeats: int) -> Dict[str, Any]:
+    """Cold pass, then ``repeats`` warm passes on a warm cache of ``n`` workers."""
+    import ray_cache
+
+    log(f"N={n}: cold read …")
+    (cold_s,), cold_bytes = reader.counted(1)
+    before = settled_stats()
+    log(f"N={n}: {repeats} warm reads …")
+    times, warm_bytes = reader.counted(repeats)
+    after = settled_stats()
+    local = after["bytes_served_local"] - before["bytes_served_local"]
+    remote = after["bytes_served_remote"] - before["bytes_served_remote"]
+    workers = sorted(ray_cache.status().workers, key=lambda w: w["node_id"])
+    best = min(times)
+    row = {"nodes": n, "workers": len(workers), "cold_seconds": cold_s, "warm_seconds": best,
+           "all_warm_seconds": times, "warm_rows_per_s": reader.rows / best,
+           "cold_store_bytes": cold_bytes, "warm_store_bytes": warm_bytes,
+           "warm_bytes_local": local, "warm_bytes_remote": remote,
+           "local_share": local / (local + remote) if local + remote else float("nan"),
+           "entries_per_worker": [int(w.get("entries", -1)) for w in workers]}
+    log(f"N={n}: warm best {best:.3f} s ({row['warm_rows_per_s']:,.0f} rows/s), store bytes "
+        f"cold {cold_bytes:,} warm {warm_bytes:,}, local share {row['local_share']:.2f}, "
+        f"entries {row['entries_per_worker']}")
+    return row
+
+
+def markdown(rows: List[Dict[str, Any]], churn: List[Dict[str, Any]], info: Dict[str, Any]) -> str:
+    """The report: command, machine, the scaling table and the join/leave table."""
+    out = [f"Command: `{info['command']}`", "",
+           f"Machine: {info['cores']} cores, {info['platform']}, Python {info['python']}, "
+           f"Ray {info['ray']}, pyarrow {info['pyarrow']}, ray_cache {info['ray_cache']}; "
+           f"all raylets on this one machine (GPU nodes declare a GPU they do not have).", "",
+           f"Data: {info['rows']:,} rows in {info['files']} files (one row group each), "
+           f"{info['parquet_bytes'] / 1e6:.1f} MB of Parquet; warm = best of {info['repeats']}, "
+           f"read tasks (zero_copy=\"auto\"; the driver's node has no worker).", "",
+           "| GPU nodes | cold s | warm s | warm rows/s | store bytes cold | store bytes warm "
+           "| warm served local / remote | entries per worker (units + footers) |",
+           "|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        share = r["local_share"]
+        out.append(f"| {r['nodes']} | {r['cold_seconds']:.2f} | {r['warm_seconds']:.2f} "
+                   f"| {r['warm_rows_per_s']:,.0f} | {r['cold_store_bytes']:,} "
+                   f"| {r['warm_store_bytes']:,} | {share:.0%} / {1 - share:.0%} "
+                   f"| {', '.join(map(str, r['entries_per_worker']))} |")
+    if churn:
+        out += ["", "| event | store bytes re-fetched | cold bytes | re-fetched / cold | target "
+                "| ok |", "|---|---:|---:|---:|---|---|"]
+        for c in churn:
+            out.append(f"| {c['event']} | {c['refetched']:,} | {c['cold']:,} | {c['share']:.3f} "
+                       f"| ≤ {c['target']:.3f} ({c['target_note']}) | {'yes' if c['ok'] else 'NO'} |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark; return 0 when warm reads made no GETs and re-fetches met targets."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=24)
+    ap.add_argument("--rows-per-file", type=int, default=100_000)
+    ap.add_argument("--max-nodes", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    if min(args.files, args.rows_per_file, args.max_nodes, args.repeats) < 1:
+        ap.error("--files, --rows-per-file, --max-nodes and --repeats must be positive")
+
+    import ray
+    import s3fs
+    from ray.cluster_utils import Cluster
+
+    import ray_cache
+    from ray_cache.testing import CountingProxy, S3Server
+
+    rows: List[Dict[str, Any]] = []
+    churn: List[Dict[str, Any]] = []
+    total_rows = args.files * args.rows_per_file
+    tmp = tempfile.mkdtemp(prefix="ray_cache_scale_")
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        log("starting the S3 server and the counting proxy …")
+        server = stack.enter_context(S3Server())
+        server.create_bucket(BUCKET)
+        proxy = stack.enter_context(CountingProxy(server.endpoint_url))
+        plain_fs = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
+        proxy_fs = s3fs.S3FileSystem(**server.storage_options(proxy.url), skip_instance_cache=True)
+        log(f"writing {total_rows:,} rows in {args.files} files …")
+        parquet_bytes = write_dataset(plain_fs, args.files, args.rows_per_file)
+
+        log("starting the Ray cluster (head node, no cache worker) …")
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "object_store_memory": 512 << 20, "include_dashboard": False})
+        stack.callback(cluster.shutdown)
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        stack.callback(ray.shutdown)
+        stack.callback(ray_cache.shutdown)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        gpu_nodes: List[Any] = []
+
+        def add_nodes(k: int) -> None:
+            gpu_nodes.extend(cluster.add_node(**NODE) for _ in range(k))
+            cluster.wait_for_nodes()
+
+        reader = Reader(f"s3://{BUCKET}/{PREFIX}/", proxy_fs, proxy, total_rows)
+        for n in range(1, args.max_nodes + 1):
+            add_nodes(n - len(gpu_nodes))
+            fresh_cache(tmp, n)
+            rows.append(measure(reader, n, args.repeats))
+            if n == 2 and args.max_nodes >= 3:
+                log("join: N=2 -> 3, reading again …")
+                add_nodes(1)
+                _, moved = reader.counted(1)
+                got = len(ray_cache.status().workers)
+                cold = rows[-1]["cold_store_bytes"]
+                target = 1.5 / (n + 1)
+                churn.append({"event": f"join N=2 -> 3 ({got} workers after)", "refetched": moved,
+                              "cold": cold, "share": moved / cold, "target": target,
+                              "target_note": "1.5/(N+1)", "ok": moved <= target * cold})
+                log(f"join: re-fetched {moved:,} of {cold:,} cold bytes ({moved / cold:.3f})")
+            if n == 3:
+                leaving = gpu_nodes.pop(0)
+                leaving_id = node_id_of(leaving)
+                held = {w["node_id"]: int(w["bytes_from_under_store"])
+                        for w in ray_cache.status().workers}
+                log(f"leave: removing node {leaving_id[:8]} (held {held[leaving_id]:,} bytes) …")
+                cluster.remove_node(leaving)
+                deadline = time.monotonic() + 30
+                while any(n_["NodeID"] == leaving_id and n_["Alive"] for n_ in ray.nodes()):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("removed node still alive after 30 s")
+                    time.sleep(0.2)
+                _, moved = reader.counted(1)
+                cold = rows[-1]["cold_store_bytes"]
+                target = held[leaving_id] / cold
+                churn.append({"event": "leave N=3 -> 2", "refetched": moved, "cold": cold,
+                              "share": moved / cold, "target": target, "held": held[leaving_id],
+                              "target_note": "share the node held", "ok": moved <= held[leaving_id]})
+                log(f"leave: re-fetched {moved:,} of {cold:,} cold bytes ({moved / cold:.3f}); "
+                    f"the node held {held[leaving_id]:,} ({target:.3f})")
+
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    info = {"command": shlex.join(["python", "benchmarks/scale.py", *argv_used]),
+            "cores": os.cpu_count(), "platform": f"{platform.system()} {platform.machine()}",
+            "python": platform.python_version(), "ray": ray.__version__,
+            "pyarrow": pa.__version__, "ray_cache": ray_cache.__version__,
+            "rows": total_rows, "files": args.files, "repeats": args.repeats,
+            "parquet_bytes": parquet_bytes}
+    print(markdown(rows, churn, info), flush=True)
+    warm = sum(r["warm_store_bytes"] for r in rows)
+    ok = warm == 0 and all(c["ok"] for c in churn)
+    print(f"\nWarm reads fetched {warm:,} bytes from the store ({'ok' if warm == 0 else 'EXPECTED 0'}); "
+          f"re-fetch targets {'met' if all(c['ok'] for c in churn) else 'MISSED'}.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"info": info, "scaling": rows, "churn": churn}, fh, indent=2)
+        log(f"wrote {args.json}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

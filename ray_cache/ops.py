@@ -1,0 +1,237 @@
+"""Steering the cache: preload, pin, unpin, free, invalidate, spread over the owning workers.
+
+``load`` plans exactly what ``read_parquet`` would read (Parquet objects as row-group units
+with their footers) and raw pages for other objects (what the ``raycache`` filesystem
+reads), then asks each owning worker to fill its share without shipping any data back.
+Loading again skips what is cached, so an interrupted load resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import ray
+
+from . import client, cluster, fetch, hashing, underfs
+from .config import PAGE_SIZE
+from .datasource import CachedParquetDatasource
+from .entries import PinCapacityError
+from .keys import StoreObject
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+#: Requests sent to a worker in one call; a cancelled load stops between batches.
+BATCH = 16
+
+
+@dataclass
+class LoadReport:
+    """What a load did.
+
+    Attributes
+    ----------
+    entries : int
+        Entries planned (row-group units, footers and pages).
+    fetched : int
+        Entries fetched from the store by this load.
+    already_cached : int
+        Entries that were cached already (the resumable part).
+    bytes : int
+        Bytes of the entries now cached (decoded Arrow for Parquet, raw for pages).
+    seconds : float
+        Wall time.
+    failures : list of (str, str)
+        ``(object url, error)`` for entries that could not be loaded.
+    cancelled : bool
+        Whether the load was cancelled before the end.
+    """
+
+    entries: int = 0
+    fetched: int = 0
+    already_cached: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+    cancelled: bool = False
+    digests: Dict[int, List[str]] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Plan:
+    fs: Any
+    protocol: str
+    workers: List[cluster.WorkerRef]
+    requests: List[Any]
+    extra_digests: List[Tuple[int, str]]  # footers: (owner, digest)
+
+
+def plan(
+    paths: Any,
+    *,
+    columns: Optional[Sequence[str]] = None,
+    filesystem: Any = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+    workers: Optional[List[cluster.WorkerRef]] = None,
+) -> Plan:
+    """Resolve ``paths`` into the cache requests a load (or pin) consists of."""
+    fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
+    objects = underfs.list_objects(fs, stripped)
+    if workers is None:
+        from .api import _workers
+
+        workers = _workers()
+    names = [w.name for w in workers]
+    parquet_objs = [o for o in objects if o.path.endswith(PARQUET_SUFFIXES)]
+    others = [o for o in objects if not o.path.endswith(PARQUET_SUFFIXES)]
+    requests: List[Any] = []
+    extra: List[Tuple[int, str]] = []
+    if parquet_objs:
+        source = CachedParquetDatasource(fs, parquet_objs, workers, columns=columns)
+        requests.extend(source.requests)
+        for obj in parquet_objs:
+            digest = fetch.footer_key(obj).digest
+            extra.append((hashing.owner(digest, names), digest))
+    for obj in others:
+        pages = max(1, math.ceil(obj.size / PAGE_SIZE))
+        requests.extend(fetch.page_request(obj, i, PAGE_SIZE) for i in range(pages))
+    protocol = underfs._protocol_of(fs)
+    return Plan(fs, protocol, list(workers), requests, extra)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def run_load(p: Plan, *, progress: Optional[bool] = None, cancel: Optional[threading.Event] = None,
+             on_progress: Optional[Callable[[int, int], None]] = None) -> LoadReport:
+    """Fill the cache with ``p``'s requests, each on its owning worker; see :func:`load`."""
+    from tqdm.auto import tqdm
+
+    cancel = cancel or threading.Event()
+    report = LoadReport(entries=len(p.requests))
+    names = [w.name for w in p.workers]
+    by_owner: Dict[int, List[Any]] = {}
+    for req in p.requests:
+        by_owner.setdefault(hashing.owner(req.key.digest, names), []).append(req)
+    start = time.perf_counter()
+    lock = threading.Lock()
+    bar = tqdm(total=len(p.requests), unit="entry", desc="ray_cache load",
+               disable=not (_interactive() if progress is None else progress))
+
+    def drive(owner: int, reqs: List[Any]) -> None:
+        handle = p.workers[owner].handle
+        for i in range(0, len(reqs), BATCH):
+            if cancel.is_set():
+                return
+            batch = reqs[i : i + BATCH]
+            try:
+                stream = handle.load.options(num_returns="streaming").remote(p.fs, batch)
+                items = [ray.get(client._next_item(stream)) for _ in batch]
+            except client.WORKER_GONE as exc:
+                items = [("err", exc)] * len(batch)
+            with lock:
+                for req, item in zip(batch, items):
+                    if item[0] == "ok":
+                        _, nbytes, tier = item
+                        report.bytes += nbytes
+                        report.fetched += tier == "store"
+                        report.already_cached += tier != "store"
+                        report.digests.setdefault(owner, []).append(req.key.digest)
+                    else:
+                        report.failures.append((req.obj.url, f"{type(item[1]).__name__}: {item[1]}"))
+                bar.update(len(batch))
+                done = report.fetched + report.already_cached + len(report.failures)
+            if on_progress is not None:
+                on_progress(done, report.entries)
+
+    threads = [threading.Thread(target=drive, args=item, daemon=True) for item in by_owner.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    for owner, digest in p.extra_digests:
+        report.digests.setdefault(owner, []).append(digest)
+    report.cancelled = cancel.is_set()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class LoadJob:
+    """A load running in the background: ``wait()`` for its report, or ``cancel()`` it.
+
+    Examples
+    --------
+    >>> job = ray_cache.load("s3://bucket/next-epoch/", background=True)  # doctest: +SKIP
+    >>> job.progress  # doctest: +SKIP
+    (12, 48)
+    >>> job.wait().fetched  # doctest: +SKIP
+    48
+    """
+
+    def __init__(self, work: Callable[[threading.Event, Callable[[int, int], None]], LoadReport]) -> None:
+        self._cancel = threading.Event()
+        self._report: Optional[LoadReport] = None
+        self._error: Optional[BaseException] = None
+        self.progress: Tuple[int, int] = (0, 0)
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True, name="ray-cache-load")
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            self._report = work(self._cancel, self._set_progress)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
+            self._error = exc
+
+    def _set_progress(self, done: int, total: int) -> None:
+        self.progress = (done, total)
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        """Stop after the batches in flight; what was loaded stays cached."""
+        self._cancel.set()
+
+    def wait(self, timeout: Optional[float] = None) -> LoadReport:
+        """The report, once the load has ended (``TimeoutError`` if not within ``timeout``)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"load still running after {timeout} s (progress {self.progress})")
+        if self._error is not None:
+            raise self._error
+        assert self._report is not None
+        return self._report
+
+
+def pin_loaded(report: LoadReport, workers: List[cluster.WorkerRef], ttl_s: Optional[float]) -> None:
+    """Pin what a load cached; all or nothing: on a capacity error, undo and raise."""
+    done: List[Tuple[int, List[str]]] = []
+    try:
+        for owner, digests in report.digests.items():
+            result = ray.get(workers[owner].handle.pin.remote(digests, ttl_s), timeout=120)
+            done.append((owner, digests))
+            if result["missing"]:
+                raise PinCapacityError(
+                    f"cannot pin {len(digests)} entries: only {result['pinned']} fit in the cache "
+                    f"of node {workers[owner].node_id[:8]} beside what is pinned already; "
+                    "nothing of this call was pinned"
+                )
+    except PinCapacityError:
+        for owner, digests in done:
+            ray.get(workers[owner].handle.unpin_digests.remote(digests), timeout=120)
+        raise
+
+
+def by_path(method: str, protocol: str, patterns: Sequence[str], workers: List[cluster.WorkerRef]) -> int:
+    """Call a by-path method (``free``, ``unpin``) on every worker; sum the answers."""
+    calls = [getattr(w.handle, method).remote(protocol, list(patterns)) for w in workers]
+    return sum(ray.get(calls, timeout=120))
+
+
+__all__ = ["LoadReport", "LoadJob", "plan", "run_load", "pin_loaded", "by_path", "StoreObject"]
