@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import ray
 
-from . import cluster, fastpath, ops, underfs
+from . import cluster, underfs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ops import LoadJob, LoadReport
 from .entries import COUNTERS
 from .config import default_disk_dir, validate_capacity, validate_disk_dir
-from .datasource import CachedParquetDatasource
 
 log = logging.getLogger("ray_cache")
 
@@ -157,6 +159,9 @@ def read_parquet(
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
     objects = underfs.list_objects(fs, stripped, suffixes=(".parquet", ".parq"))
     workers = _workers()
+    from . import fastpath
+    from .datasource import CachedParquetDatasource  # imports Ray Data: only when reading
+
     if zero_copy not in (True, False, "auto"):
         raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
     source = CachedParquetDatasource(fs, objects, workers, columns=columns)
@@ -243,7 +248,7 @@ def load(
     ttl: Optional[float] = None,
     background: bool = False,
     progress: Optional[bool] = None,
-) -> Union["ops.LoadReport", "ops.LoadJob"]:
+) -> Union["LoadReport", "LoadJob"]:
     """Preload objects so that the first read afterwards sends no data request.
 
     Parquet objects are loaded as ``read_parquet`` reads them (row-group units for
@@ -273,11 +278,13 @@ def load(
     >>> report.fetched, report.already_cached, report.failures  # doctest: +SKIP
     (32, 0, [])
     """
+    from . import ops
+
     if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
     p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
 
-    def work(cancel=None, on_progress=None) -> "ops.LoadReport":
+    def work(cancel=None, on_progress=None) -> "LoadReport":
         report = ops.run_load(p, progress=progress, cancel=cancel, on_progress=on_progress)
         if ttl is not None:
             for owner, digests in report.digests.items():
@@ -295,7 +302,7 @@ def pin(
     storage_options: Optional[Dict[str, Any]] = None,
     ttl: Optional[float] = None,
     progress: Optional[bool] = None,
-) -> "ops.LoadReport":
+) -> "LoadReport":
     """Load ``paths`` (if needed) and pin them: pinned entries are never evicted.
 
     Pinning more than a tier can hold beside what is already pinned raises
@@ -305,6 +312,8 @@ def pin(
     --------
     >>> ray_cache.pin("s3://bucket/eval/")  # doctest: +SKIP
     """
+    from . import ops
+
     if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
     p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
@@ -314,6 +323,12 @@ def pin(
         raise OSError(f"could not load {url} to pin it: {why}")
     ops.pin_loaded(report, p.workers, ttl)
     return report
+
+
+def _by_path(method: str, protocol: str, patterns: Sequence[str]) -> int:
+    """Call a by-path worker method (``free``, ``unpin``) on every live worker; sum the answers."""
+    calls = [getattr(w.handle, method).remote(protocol, list(patterns)) for w in cluster.live_workers()]
+    return sum(ray.get(calls, timeout=120))
 
 
 def _patterns(paths: PathArg, filesystem: Any, storage_options: Optional[Dict[str, Any]]):
@@ -331,7 +346,7 @@ def unpin(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[D
     """
     _fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
     _ensure_ray()
-    return ops.by_path("unpin", protocol, patterns, cluster.live_workers())
+    return _by_path("unpin", protocol, patterns)
 
 
 def free(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
@@ -346,7 +361,7 @@ def free(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Di
     """
     _fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
     _ensure_ray()
-    return ops.by_path("free", protocol, patterns, cluster.live_workers())
+    return _by_path("free", protocol, patterns)
 
 
 def invalidate(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
@@ -367,7 +382,7 @@ def invalidate(paths: PathArg, *, filesystem: Any = None, storage_options: Optio
         except Exception:  # noqa: BLE001 - not every filesystem keeps a listing cache
             pass
     _ensure_ray()
-    return ops.by_path("free", protocol, patterns, cluster.live_workers())
+    return _by_path("free", protocol, patterns)
 
 
 def configure(*, memory_bytes: Optional[int] = None, disk_bytes: Optional[int] = None) -> None:

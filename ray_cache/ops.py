@@ -228,10 +228,4 @@ def pin_loaded(report: LoadReport, workers: List[cluster.WorkerRef], ttl_s: Opti
         raise
 
 
-def by_path(method: str, protocol: str, patterns: Sequence[str], workers: List[cluster.WorkerRef]) -> int:
-    """Call a by-path method (``free``, ``unpin``) on every worker; sum the answers."""
-    calls = [getattr(w.handle, method).remote(protocol, list(patterns)) for w in workers]
-    return sum(ray.get(calls, timeout=120))
-
-
-__all__ = ["LoadReport", "LoadJob", "plan", "run_load", "pin_loaded", "by_path", "StoreObject"]
+__all__ = ["LoadReport", "LoadJob", "plan", "run_load", "pin_loaded", "StoreObject"]
