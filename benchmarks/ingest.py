@@ -181,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parquet_bytes = write_dataset(args, plain_fs, local_dir)
 
         log("starting Ray …")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         stack.callback(ray.shutdown)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say(f"wrote {nbytes / 1e6:.1f} MB")
 
         say("starting Ray and the cache workers …")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         stack.callback(ray.shutdown)
         _quiet_ray_data()
         _warm_up_ray()

@@ -3,11 +3,5 @@
 # read directly, through a cold cache and through the warm cache.
 # Usage: scripts/demo.sh [--rows N] [--files N] [--latency-ms MS] [--rate-mb-s MB]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[demo]"
+. "$(dirname "$0")/_venv.sh" demo
 exec .venv/bin/python -m ray_cache.demo "$@"
