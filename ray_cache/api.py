@@ -40,6 +40,7 @@ def start(
     disk_bytes: Optional[int] = None,
     disk_dir: Optional[str] = None,
     nodes: str = "auto",
+    policy: str = "lru",
 ) -> List[cluster.WorkerRef]:
     """Start (or attach to) one cache worker per cache node.
 
@@ -56,18 +57,26 @@ def start(
         Disk-tier root; default ``$RAY_CACHE_DIR`` or ``~/.cache/ray_cache``.
     nodes : str
         ``"auto"`` (GPU nodes, or all nodes when none has a GPU), ``"all"``, ``"gpu"``,
-        or ``"resource:NAME"``.
+        ``"resource:NAME"`` or ``"label:KEY=VALUE"``.
+    policy : str
+        Eviction policy of both tiers (``ray_cache.tiers.policy.POLICIES``): ``"lru"``
+        (default) when the working set fits; ``"tinylfu"`` for data sets larger than the
+        cache read in repeated epochs (keeps a stable subset instead of churning). Applies
+        to workers this call starts; running workers keep theirs.
 
     Examples
     --------
     >>> import ray_cache
     >>> workers = ray_cache.start(memory_bytes=2 << 30, disk_bytes=20 << 30)  # doctest: +SKIP
     """
+    from .tiers.policy import make_policy
+
     memory_bytes = validate_capacity("memory_bytes", memory_bytes)
     disk_bytes = validate_capacity("disk_bytes", disk_bytes)
+    make_policy(policy)  # ValueError naming the known policies, before any worker starts
     root = validate_disk_dir(disk_dir or default_disk_dir())
     _ensure_ray()
-    return cluster.ensure_workers(memory_bytes, disk_bytes, root, nodes=nodes)
+    return cluster.ensure_workers(memory_bytes, disk_bytes, root, nodes=nodes, policy=policy)
 
 
 def _workers() -> List[cluster.WorkerRef]:

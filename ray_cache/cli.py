@@ -84,7 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     start.add_argument("--memory", type=parse_size, help="memory tier per worker, e.g. 4GiB")
     start.add_argument("--disk", type=parse_size, help="disk tier per worker, e.g. 100GiB")
     start.add_argument("--disk-dir", help="disk tier directory on each node")
-    start.add_argument("--nodes", default="auto", help="auto, all, gpu or resource:NAME")
+    start.add_argument("--nodes", default="auto", help="auto, all, gpu, resource:NAME or label:KEY=VALUE")
+    start.add_argument("--policy", default="lru", help="eviction policy: lru or tinylfu")
     sub.add_parser("stop", help="stop the workers (disk tiers stay)")
     for name, text in (("load", "preload objects (resumable)"), ("pin", "load and pin objects"),
                        ("unpin", "unpin objects"), ("free", "drop cached objects"),
@@ -114,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(s, indent=2) if args.json else "\n".join(f"{k:26s} {v}" for k, v in s.items()))
     elif args.command == "start":
         workers = ray_cache.start(memory_bytes=args.memory, disk_bytes=args.disk,
-                                  disk_dir=args.disk_dir, nodes=args.nodes)
+                                  disk_dir=args.disk_dir, nodes=args.nodes, policy=args.policy)
         print(json.dumps([w.node_id for w in workers]) if args.json else f"{len(workers)} cache workers running")
     elif args.command == "stop":
         n = ray_cache.shutdown()

@@ -1,4 +1,4 @@
-"""Byte accounting shared by the tiers: capacity, usage, and choosing victims.
+"""Byte accounting shared by the tiers: capacity, usage, admission and choosing victims.
 
 Thread-safe: a worker serves several requests at once, so every method takes the
 tier's lock. Usage never exceeds capacity: an entry is accounted for before it is
@@ -65,21 +65,44 @@ class Tier:
     def reserve(self, key: str, nbytes: int) -> bool:
         """Make room for ``nbytes`` and account for ``key``; False if it cannot enter.
 
-        Room is made only from unpinned entries: a new entry never evicts a pinned one.
+        The policy sees every attempt (``admit``, with the keys that would be evicted
+        for it) and may refuse it. Room is made only from unpinned entries: a new entry
+        never evicts a pinned one.
         """
         with self.lock:
             if key in self.sizes:
                 self.policy.touch(key)
                 return True
-            if not self.policy.admit(key, nbytes, self.capacity - self.used, self.capacity):
+            victims = self._victims_for(nbytes)
+            admitted = self.policy.admit(
+                key, nbytes, self.capacity - self.used, self.capacity, victims=victims or ()
+            )
+            if not admitted or victims is None:
                 return False
-            if nbytes > self.capacity - self.pinned_bytes:
-                return False
-            self._evict_until(self.capacity - nbytes)
+            for victim in victims:
+                self.remove(victim)
+                self.evictions += 1
             self.sizes[key] = nbytes
             self.used += nbytes
-            self.policy.touch(key)
+            self.policy.insert(key)
             return True
+
+    def _victims_for(self, nbytes: int) -> Optional[List[str]]:
+        # The unpinned keys, in the policy's order, whose eviction makes room for
+        # ``nbytes``; None when even evicting all of them would not.
+        if nbytes > self.capacity:
+            return None
+        need = self.used + nbytes - self.capacity
+        chosen: List[str] = []
+        if need <= 0:
+            return chosen
+        for victim in self.policy.victims():
+            if victim in self.sizes and victim not in self.pinned:
+                chosen.append(victim)
+                need -= self.sizes[victim]
+                if need <= 0:
+                    return chosen
+        return None
 
     def remove(self, key: str) -> Optional[int]:
         """Forget and drop ``key``; returns its size, or None if absent."""

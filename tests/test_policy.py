@@ -1,0 +1,205 @@
+"""Eviction policies: LRU and the scan-resistant TinyLFU, pure and through real workers.
+
+The pure tests drive a :class:`~ray_cache.tiers.base.Tier` (byte accounting, pins,
+admission, eviction) with unit-sized keys. The last test reads a data set twice the
+cache's size for three epochs through real workers and counts the data GETs that reach
+the S3 server at the proxy: from the second epoch on, TinyLFU serves about half of the
+units from the cache while LRU serves none.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterable, List, Optional
+
+import pyarrow.parquet as pq
+import pytest
+
+import ray_cache
+from conftest import data_gets, write_dataset
+from ray_cache import cluster
+from ray_cache.config import WorkerConfig
+from ray_cache.tiers.base import Tier
+from ray_cache.tiers.policy import POLICIES, LRUPolicy, TinyLFUPolicy, make_policy
+
+
+class BytesTier(Tier):
+    """A tier that stores nothing: accounting and policy only."""
+
+    def _drop(self, key: str) -> None:
+        pass
+
+
+def read(tier: Tier, key: str, nbytes: int = 1) -> bool:
+    """One access as a cache worker makes it: a hit touches, a miss offers the key."""
+    if key in tier:
+        tier.touch(key)
+        return True
+    tier.reserve(key, nbytes)
+    return False
+
+
+def epochs(tier: Tier, keys: List[str], n: int, shuffle_seed: Optional[int] = None) -> List[float]:
+    """Hit ratio of each of ``n`` passes over ``keys`` (reshuffled per pass if seeded)."""
+    rng = random.Random(shuffle_seed)
+    ratios = []
+    for _ in range(n):
+        order = list(keys)
+        if shuffle_seed is not None:
+            rng.shuffle(order)
+        ratios.append(sum(read(tier, k) for k in order) / len(order))
+    return ratios
+
+
+def keys(n: int, prefix: str = "k") -> List[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+# -- the registry -----------------------------------------------------------------------
+def test_both_policies_are_registered_and_lru_stays_the_default():
+    assert POLICIES["lru"] is LRUPolicy and POLICIES["tinylfu"] is TinyLFUPolicy
+    assert isinstance(make_policy("tinylfu"), TinyLFUPolicy)
+    assert isinstance(BytesTier(10).policy, LRUPolicy)
+    assert WorkerConfig(memory_bytes=1, disk_bytes=1, disk_dir="/tmp").policy == "lru"
+    with pytest.raises(ValueError, match="tinylfu"):
+        make_policy("arc")
+
+
+# -- scans larger than the tier ------------------------------------------------------------
+def test_lru_misses_every_read_of_a_sequential_scan_twice_its_size():
+    tier = BytesTier(50, "lru")
+    assert epochs(tier, keys(100), 4) == [0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 7], ids=["sequential", "shuffled"])
+def test_tinylfu_keeps_a_stable_half_of_a_scan_twice_its_size(shuffle_seed):
+    tier = BytesTier(50, "tinylfu")
+    ratios = epochs(tier, keys(100), 6, shuffle_seed)
+    assert ratios[0] == 0.0
+    assert ratios[1:] == [0.5] * 5, "capacity / size from the second epoch on"
+    assert tier.evictions == 0, "a stable subset: nothing churns"
+
+
+def test_lru_churns_under_shuffled_epochs_where_tinylfu_holds():
+    lru = epochs(BytesTier(500, "lru"), keys(1000), 5, shuffle_seed=3)
+    tiny = epochs(BytesTier(500, "tinylfu"), keys(1000), 5, shuffle_seed=3)
+    assert max(lru[1:]) < 0.35
+    assert min(tiny[1:]) == 0.5
+
+
+@pytest.mark.parametrize("size", [150, 200, 300, 1000])
+@pytest.mark.parametrize("window_factor", [1, 2, 3, 7])
+def test_tinylfu_holds_through_aging_in_any_phase(size, window_factor):
+    # Aging every window_factor x 100 accesses: before, at or in the middle of an epoch.
+    tier = BytesTier(100, "tinylfu")
+    policy = tier.policy
+    policy.window_factor, policy.min_window = window_factor, 1
+    ratios = epochs(tier, keys(size), 25, shuffle_seed=size + window_factor)
+    assert policy.agings >= 25 * size // (window_factor * 100) - 1
+    assert ratios[1:] == [100 / size] * 24
+    assert max(policy.frequency(k) for k in keys(size)) <= policy.max_count
+
+
+# -- admission ----------------------------------------------------------------------------
+def test_tinylfu_admits_freely_while_there_is_room():
+    tier = BytesTier(10, "tinylfu")
+    for k in keys(10):
+        assert tier.reserve(k, 1)
+    assert len(tier) == 10 and tier.used == 10
+
+
+def test_a_miss_counts_as_an_access_so_a_hot_newcomer_gets_in():
+    tier = BytesTier(3, "tinylfu")
+    for k in "abc":
+        tier.reserve(k, 1)
+    assert not tier.reserve("hot", 1), "seen once: the incumbents stay"
+    assert tier.policy.frequency("hot") == 1, "the refused attempt was counted"
+    assert not tier.reserve("hot", 1), "a lead of one is not enough"
+    assert not tier.reserve("hot", 1), "nor of two"
+    assert tier.reserve("hot", 1), "four attempts lead the coldest incumbent by three"
+    assert "hot" in tier and "a" not in tier, "the least recently used incumbent left"
+
+
+def test_a_newcomer_must_beat_every_entry_it_would_displace():
+    tier = BytesTier(4, "tinylfu")
+    tier.reserve("cold", 2)
+    tier.reserve("warm", 2)
+    for _ in range(5):
+        tier.touch("warm")
+    for _ in range(4):
+        tier.reserve("big", 4)
+    assert "big" not in tier, "leads 'cold' by 3 but not 'warm', which it would also evict"
+    for _ in range(5):
+        tier.reserve("big", 4)
+    assert "big" in tier and len(tier) == 1
+
+
+def test_pinned_entries_stay_and_oversized_entries_are_refused():
+    tier = BytesTier(4, "tinylfu")
+    for k in "abcd":
+        tier.reserve(k, 1)
+    tier.pin(["a", "b", "c", "d"])
+    for _ in range(10):
+        assert not tier.reserve("x", 1)
+    assert set(tier.sizes) == set("abcd")
+    assert not tier.reserve("huge", 5)
+    assert tier.used <= tier.capacity
+
+
+def test_a_new_working_set_displaces_an_old_one_after_a_few_passes():
+    tier = BytesTier(100, "tinylfu")
+    old, new = keys(100, "old"), keys(100, "new")
+    epochs(tier, old, 5)
+    ratios = epochs(tier, new, 10)
+    assert ratios[0] == 0.0, "a first pass over new data does not flush the cache"
+    assert ratios[-1] == 1.0, "a repeatedly used new set wins in the end"
+
+
+def test_resize_and_remove_keep_the_policy_consistent():
+    tier = BytesTier(10, "tinylfu")
+    for k in keys(10):
+        tier.reserve(k, 1)
+    assert len(tier.resize(5)) == 5 and tier.used == 5
+    tier.remove("k9")
+    assert "k9" not in set(tier.policy.victims())
+    assert tier.reserve("new", 1), "room again: admitted without a contest"
+
+
+# -- through real workers on the S3 server ----------------------------------------------------
+UNITS = 12
+
+
+def _gets_per_epoch(ds, proxy, n: int, want_ids: Iterable[int]) -> List[int]:
+    want = sorted(want_ids)
+    gets = []
+    for _ in range(n):
+        proxy.reset()
+        ids = [i for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+               for i in b.column("id").to_pylist()]
+        assert sorted(ids) == want, "every epoch reads every row exactly once"
+        gets.append(len(data_gets(proxy)))
+    return gets
+
+
+@pytest.mark.parametrize("policy", ["lru", "tinylfu"])
+def test_data_twice_the_cache_three_epochs_hit_ratio_at_the_store(
+    ray_session, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, policy
+):
+    """The memory tier holds half the units; the disk tier is too small to hold any."""
+    paths = write_dataset(s3fs_direct, prefix, files=UNITS, rows=10_000, rg_rows=10_000)
+    unit_bytes = sum(pq.read_table(p, filesystem=s3fs_direct).nbytes for p in paths)
+    ray_cache.shutdown()
+    try:
+        cluster.ensure_workers(64 << 20, 1, str(tmp_path / "cache"), policy=policy)
+        ds = ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied, zero_copy=False)
+        footers = ray_cache.status().workers[0]["memory_bytes_used"]  # planning cached them
+        ray_cache.configure(memory_bytes=footers + unit_bytes // 2)
+        gets = _gets_per_epoch(ds, proxy, 3, range(UNITS * 10_000))
+    finally:
+        ray_cache.shutdown()
+    assert gets[0] >= UNITS, "the first epoch fetches every unit"
+    hit_ratios = [1 - g / gets[0] for g in gets[1:]]
+    if policy == "tinylfu":
+        assert min(hit_ratios) >= 0.4, (gets, hit_ratios)
+    else:
+        assert max(hit_ratios) <= 0.1, (gets, hit_ratios)
