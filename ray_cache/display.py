@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Dict, List
+from typing import Any, List
 
 COLUMNS = [
     ("node ip", lambda r: str(r.get("node_ip", ""))),

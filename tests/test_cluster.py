@@ -11,7 +11,7 @@ import pytest
 import ray
 
 import ray_cache
-from ray_cache import client, cluster, fetch, hashing
+from ray_cache import client, cluster
 from ray_cache.datasource import CachedParquetDatasource
 from ray_cache.testing import CountingProxy
 from conftest import BUCKET, data_gets, read_all, write_dataset

@@ -18,7 +18,7 @@ def _read(prefix, fs, **kw):
 
 
 def test_first_read_after_load_sends_no_data_request(cache, s3fs_direct, s3fs_proxied, proxy, prefix):
-    paths = write_dataset(s3fs_direct, prefix, files=3)
+    write_dataset(s3fs_direct, prefix, files=3)
     s3fs_direct.pipe(f"{prefix}-raw/blob.bin", b"x" * 5_000_000)  # a non-Parquet object: pages
     report = ray_cache.load([f"s3://{prefix}/", f"s3://{prefix}-raw/blob.bin"], filesystem=s3fs_proxied)
     assert report.failures == [] and report.fetched == report.entries > 3

@@ -50,15 +50,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _find_moto_server() -> str:
-    """Locate the ``moto_server`` executable of the running interpreter's venv."""
-    candidate = Path(sys.executable).parent / "moto_server"
+def find_executable(name: str, hint: str) -> str:
+    """Locate a server executable: next to the running interpreter first, then on PATH."""
+    candidate = Path(sys.executable).parent / name
     if candidate.exists():
         return str(candidate)
-    found = shutil.which("moto_server")
+    found = shutil.which(name)
     if found is None:
-        raise RuntimeError("moto_server executable not found; install moto[server]")
+        raise RuntimeError(f"{name} executable not found; {hint}")
     return found
+
+
+def _find_moto_server() -> str:
+    return find_executable("moto_server", "install moto[server]")
 
 
 class ManagedProcess:
@@ -95,6 +99,22 @@ class ManagedProcess:
                 return fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def _wait_until_up(self, proc: "subprocess.Popen[bytes]", label: str,
+                       interval: float = 0.05) -> None:
+        """Poll ``_answers_http`` until it is true, or stop and raise with the log's tail."""
+        deadline = time.monotonic() + self.start_timeout
+        while not self._answers_http():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with code {proc.returncode}" if proc.poll() is not None
+                       else f"did not answer within {self.start_timeout} s")
+                tail = self._log_tail()
+                self.stop()
+                raise RuntimeError(f"{label} on {self.endpoint_url} {why}:\n{tail}")
+            time.sleep(interval)  # polling interval, bounded by the deadline
+
+    def _answers_http(self) -> bool:
+        raise NotImplementedError
 
     def start(self) -> Any:
         """Start the server; implemented by subclasses."""
@@ -178,15 +198,7 @@ class S3Server(ManagedProcess):
         cmd = [_find_moto_server(), "-H", "127.0.0.1", "-p", str(self.port)]
         env = {**os.environ, **self.env} if self.env else None
         proc = self._spawn(cmd, "moto_server_", stdin=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + self.start_timeout
-        while not self._answers_http():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                why = (f"exited with code {proc.returncode}" if proc.poll() is not None
-                       else f"did not answer within {self.start_timeout} s")
-                tail = self._log_tail()
-                self.stop()
-                raise RuntimeError(f"moto_server on {self.endpoint_url} {why}:\n{tail}")
-            time.sleep(0.05)  # polling interval, bounded by the deadline
+        self._wait_until_up(proc, "moto_server")
         return self
 
     def _answers_http(self) -> bool:

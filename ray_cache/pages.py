@@ -1,0 +1,620 @@
+"""Byte ranges of store objects, read through the cache workers in fixed-size pages.
+
+This is the client side of the ``raycache`` filesystem (:mod:`ray_cache.fs`). A byte
+range is cut into pages of ``page_size`` bytes (default :data:`PAGE_SIZE`); each page is
+one cache entry, keyed by (protocol, path, version, page size, index) like any other
+entry (:func:`ray_cache.fetch.page_key`), owned by the worker that rendezvous hashing
+picks, and served from that worker's memory tier, else its disk tier, else fetched from
+the store once (one ranged GET, then a version check) and kept. Pages share capacity and
+eviction with the Arrow batches: they live in the same ``LocalCache``.
+
+Page size: 4 MiB
+----------------
+- Per-page costs (one actor round trip, one object in the object store, one file in the
+  disk tier, one GET and one HEAD on a miss) are paid once per 4 MiB: at the few hundred
+  MB/s one store connection delivers, ~1 ms of per-page overhead is ~10% of a page's
+  transfer time (it would be ~40% with 1 MiB pages).
+- Stores want large ranged GETs (S3: ~5 Gbit/s per connection, 8-16 MB ranges for full
+  throughput); the worker fetches the pages of one read in parallel, so a large read
+  issues several 4 MiB GETs at once.
+- The price is read amplification on a cold random read: a 64 KiB read fetches up to two
+  pages (8 MiB). For image-sized files (< 4 MiB) one page is the whole file. JuiceFS uses
+  4 MiB blocks for the same reasons; Alluxio's 1 MB pages cost four times the per-page
+  overhead. ``CacheFileSystem(page_size=...)`` changes it (keys include the size, so
+  filesystems with different sizes never share or confuse pages).
+
+Where a page comes from (cheapest first)
+----------------------------------------
+1. This process's buffers: an LRU of recently used pages (:class:`PageBuffers`).
+   Buffers that came from the object store pin their object there, so they are bounded
+   by :data:`BUFFER_BYTES` (64 MiB); buffers mapped from disk pin nothing and are bounded
+   by :data:`MAPPED_BYTES` of address space.
+2. **This node's disk tier, mapped directly** (a short-circuit read, as HDFS and Alluxio
+   do for local blocks): if the page's owner runs on this node, its Arrow IPC file is
+   memory-mapped read-only, no actor call, no copy. The file must carry the page's key
+   digest in its schema (checked), entries are immutable (the key includes the version)
+   and written under a temporary name then renamed, so a mapped page is never partial or
+   stale; an evicted file stays readable while mapped. These reads are reported to the
+   owner in batches (``lookup``), so its counters and recency see them. A page first
+   received as an object-store buffer is swapped for its file once the owner has written
+   it (unpinning the object). ``RAY_CACHE_SHORT_CIRCUIT=0`` (or
+   ``reader().short_circuit = False``) turns this step off.
+3. The owner, through Ray (``get_many``): its memory tier (object-store memory, mapped
+   without a copy on this node), else its disk tier, else one fetch from the store.
+4. The store itself, when the owner is gone (counted as ``fallback_pages`` and reported to
+   a surviving worker) or where Ray cannot be used (see below).
+
+This process's reader
+---------------------
+:func:`reader` returns this process's one :class:`PageReader`: the documented handle
+to the running cache from this process. It knows the workers (refreshed every
+:data:`WORKERS_TTL_S` seconds, or at once when one is gone) and holds the buffers above.
+
+Which process can use Ray
+-------------------------
+- A Ray driver, task or actor: Ray as it is.
+- A process without Ray (a script, a ``spawn``/``forkserver`` DataLoader worker, a Spark
+  executor): it connects to the cluster whose address was recorded when the filesystem
+  was pickled (:meth:`PageReader.remember_address`), else goes through
+  ``ray_cache.api._workers()``, which starts a local Ray and a worker if none is running.
+- A process **forked** from one where Ray was initialized (PyTorch ``DataLoader`` workers
+  with the default ``fork`` context on Linux): Ray's core worker does not survive
+  ``fork`` (calls hang), so that process does not use Ray. Pages in this node's disk tier
+  are still mapped directly (step 2, with the layout known before the fork); every other
+  page is read **straight from the store** with the same version-checked code
+  (:func:`ray_cache.fetch.read_page`), counted in :meth:`PageReader.stats`
+  (``direct_pages``, ``direct_bytes``), with a warning naming the remedy
+  (``multiprocessing_context="forkserver"`` or ``"spawn"``) logged once per process.
+
+Thread safety: :class:`PageReader` and :class:`PageBuffers` may be used from many
+threads at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from . import fetch, hashing
+from .client import WORKER_GONE, _next_item, _report_fallback, _warn_once
+from .cluster import WorkerRef
+from .config import WORKER_TIMEOUT_S
+from .errors import ObjectChangedError, translate
+from .fetch import PageRequest
+from .keys import StoreObject
+from .tiers.disk import _KEY_FIELD, _SUFFIX
+
+log = logging.getLogger("ray_cache.pages")
+
+#: Default page size (see the module docstring for why 4 MiB).
+PAGE_SIZE = 4 * 1024 * 1024
+#: Bytes of object-store page buffers one process keeps (``$RAY_CACHE_PAGE_BUFFER_BYTES``).
+BUFFER_BYTES = int(os.environ.get("RAY_CACHE_PAGE_BUFFER_BYTES", 64 * 1024 * 1024))
+#: Bytes of disk-tier pages one process keeps mapped (address space, not memory).
+MAPPED_BYTES = int(os.environ.get("RAY_CACHE_PAGE_MAPPED_BYTES", 4 * 1024**3))
+#: Seconds a process reuses its list of workers before asking Ray again.
+WORKERS_TTL_S = 30.0
+#: Directly mapped pages reported to their owner per ``lookup`` call.
+TOUCH_BATCH = 256
+
+#: One page's bytes, or the exception that stands for it.
+PageResult = Union[memoryview, BaseException]
+_GONE = object()  # marks a page whose owner did not answer
+
+
+def clamp(start: Optional[int], end: Optional[int], size: int) -> Tuple[int, int]:
+    """``[start, end)`` within ``[0, size]``, with Python slice rules for None and negatives.
+
+    This is what fsspec's own filesystems (local, memory) return for ``cat_file``:
+    reading past the end gives the bytes up to the end, possibly none.
+
+    Examples
+    --------
+    >>> clamp(None, None, 10), clamp(-3, None, 10), clamp(5, 30, 10), clamp(20, 30, 10)
+    ((0, 10), (7, 10), (5, 10), (10, 10))
+    >>> clamp(5, 3, 10), clamp(None, -2, 10)
+    ((5, 5), (0, 8))
+    """
+    lo = 0 if start is None else (max(0, size + start) if start < 0 else min(start, size))
+    hi = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
+    return lo, max(lo, hi)
+
+
+def page_requests(obj: StoreObject, start: int, end: int, page_size: int) -> List[PageRequest]:
+    """The page requests covering bytes ``[start, end)`` of ``obj`` (none when empty).
+
+    Examples
+    --------
+    >>> obj = StoreObject("s3", "b/k", 10, "etag:x/10")
+    >>> [(r.start, r.end) for r in page_requests(obj, 3, 9, 4)]
+    [(0, 4), (4, 8), (8, 10)]
+    """
+    if end <= start:
+        return []
+    first, last = start // page_size, (end - 1) // page_size
+    return [_page_request(obj, i, page_size) for i in range(first, last + 1)]
+
+
+#: Keys are SHA-256 digests: computed once per page, not once per read of it.
+_page_request = functools.lru_cache(maxsize=1 << 16)(fetch.page_request)
+
+
+def assemble(reqs: Sequence[PageRequest], bufs: Sequence[memoryview], start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` cut from consecutive pages (one copy)."""
+    parts = [buf[max(start, r.start) - r.start : min(end, r.end) - r.start] for r, buf in zip(reqs, bufs)]
+    return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+
+def page_buffer(column: Any) -> memoryview:
+    """The bytes of a page entry's one value, without a copy.
+
+    (``column[0].as_buffer()`` costs ~30x more: it builds a scalar first.)
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0)
+    _validity, offsets, data = column.buffers()
+    lo, hi = np.frombuffer(offsets, dtype=np.int64, count=2, offset=column.offset * 8)
+    return memoryview(data.slice(int(lo), int(hi - lo)))
+
+
+def map_page(slot: str, digest: str, nbytes: int) -> Optional[memoryview]:
+    """A page from a disk-tier slot on this node, memory-mapped, or None if not there.
+
+    Reads the tier's layout (``slot/<2 hex>/<digest>.arrow``, the digest in the schema
+    metadata); anything unexpected (missing, damaged, of another key or size) is None,
+    so the caller asks the owner instead.
+    """
+    path = os.path.join(slot, digest[:2], digest + _SUFFIX)
+    try:
+        source = pa.memory_map(path, "r")
+        try:
+            reader = pa.ipc.open_file(source)
+            if (reader.schema.metadata or {}).get(_KEY_FIELD) != digest.encode():
+                return None
+            buf = page_buffer(reader.get_batch(0).column(0))
+        finally:
+            source.close()  # the mapping lives on in the buffer; the descriptor does not
+    except (OSError, pa.ArrowInvalid, IndexError, ValueError):
+        return None
+    return buf if buf.nbytes == nbytes else None
+
+
+class PageBuffers:
+    """An LRU of page buffers, bounded in bytes (thread-safe).
+
+    Each entry keeps the buffer and, when it came from a worker, the ``ObjectRef`` of the
+    entry, which keeps the object in the object store while the buffer is in use.
+
+    Examples
+    --------
+    >>> lru = PageBuffers(capacity=8)
+    >>> lru.put("a", None, memoryview(b"12345"))
+    >>> lru.put("b", None, memoryview(b"6789"))  # evicts "a": 9 bytes > 8
+    >>> lru.get("a") is None, bytes(lru.get("b"))
+    (True, b'6789')
+    """
+
+    def __init__(self, capacity: int = BUFFER_BYTES) -> None:
+        self.capacity = int(capacity)
+        self.used = 0
+        self._items: "OrderedDict[str, Tuple[Any, memoryview]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Optional[memoryview]:
+        with self._lock:
+            item = self._items.get(digest)
+            if item is None:
+                return None
+            self._items.move_to_end(digest)
+            return item[1]
+
+    def put(self, digest: str, ref: Any, buf: memoryview) -> None:
+        if buf.nbytes > self.capacity:
+            return
+        with self._lock:
+            old = self._items.pop(digest, None)
+            if old is not None:
+                self.used -= old[1].nbytes
+            self._items[digest] = (ref, buf)
+            self.used += buf.nbytes
+            self._shrink()
+
+    def pop(self, digest: str) -> None:
+        with self._lock:
+            item = self._items.pop(digest, None)
+            if item is not None:
+                self.used -= item[1].nbytes
+
+    def clear(self) -> None:
+        """Drop every buffer (the workers keep their entries)."""
+        with self._lock:
+            self._items.clear()
+            self.used = 0
+
+    def resize(self, capacity: int) -> None:
+        with self._lock:
+            self.capacity = int(capacity)
+            self._shrink()
+
+    def _shrink(self) -> None:
+        while self.used > self.capacity and self._items:
+            _digest, (_ref, buf) = self._items.popitem(last=False)
+            self.used -= buf.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Layout:
+    """Who owns which page, and where this node's owners keep pages on disk.
+
+    Plain strings only, so it survives ``fork`` (where Ray handles do not).
+    """
+
+    names: List[str]
+    slots: Dict[int, str] = field(default_factory=dict)  # owner index -> disk-tier slot here
+
+    def slot_of(self, digest: str) -> Optional[str]:
+        return self.slots.get(hashing.owner(digest, self.names)) if self.names else None
+
+
+class PageReader:
+    """Reads pages of store objects through the cache (see the module docstring).
+
+    Use :func:`reader` rather than building one: a process has one.
+
+    Examples
+    --------
+    >>> from ray_cache import pages
+    >>> obj = StoreObject("s3", "bucket/key", 10 << 20, "etag:abc/10485760")
+    >>> data = pages.reader().read_range(s3fs_instance, obj, 0, 1000)  # doctest: +SKIP
+    """
+
+    def __init__(self, buffer_bytes: int = BUFFER_BYTES, layout: Optional[Layout] = None) -> None:
+        self.buffers = PageBuffers(buffer_bytes)
+        self.mapped = PageBuffers(MAPPED_BYTES)
+        self.layout = layout
+        self._address: Optional[str] = None
+        self._workers: Optional[List[WorkerRef]] = None
+        self._workers_at = 0.0
+        self._lock = threading.Lock()  # counters and touches
+        self._refresh_lock = threading.Lock()  # one refresh of the workers at a time
+        self._counters: Dict[str, int] = {}
+        self._buffer_hits = 0
+        self._touches: Dict[int, List[str]] = {}
+        self._map_retry: Dict[str, float] = {}  # digest -> when to look for its file again
+        self._warned_fork = False
+        #: Map pages of this node's disk tier directly (step 2); False: always ask the owner.
+        self.short_circuit = os.environ.get("RAY_CACHE_SHORT_CIRCUIT", "1") != "0"
+
+    def clear(self) -> None:
+        """Drop this process's page buffers and mappings (the workers keep their entries)."""
+        self.buffers.clear()
+        self.mapped.clear()
+        self._map_retry.clear()
+
+    # -- counters ----------------------------------------------------------------------
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._counters[name] = self._counters.get(name, 0) + delta
+
+    def stats(self) -> Dict[str, int]:
+        """This process's page counters.
+
+        ``buffer_hits`` (pages served from this process's buffers), ``mapped_pages``
+        (mapped from this node's disk tier), ``worker_pages``/``worker_bytes`` (answered
+        by workers through Ray), ``direct_pages``/``direct_bytes`` (read from the store
+        here because Ray is unusable in this forked process) and ``fallback_pages`` (read
+        from the store here because a worker was gone; also reported to a surviving
+        worker, so ``ray_cache.stats()`` shows them). ``buffer_hits`` is counted without a
+        lock (it is on every warm read), so concurrent threads may rarely lose a count.
+        """
+        with self._lock:
+            out = dict(self._counters, buffer_hits=self._buffer_hits)
+        for name in ("buffer_hits", "mapped_pages", "worker_pages", "worker_bytes",
+                     "direct_pages", "direct_bytes", "fallback_pages"):
+            out.setdefault(name, 0)
+        return out
+
+    # -- connecting ----------------------------------------------------------------------
+    def remember_address(self, address: Optional[str]) -> None:
+        """The Ray cluster to join if this process has no Ray yet (from an unpickled fs)."""
+        if address and self._address is None:
+            self._address = address
+
+    def workers(self, refresh: bool = False) -> Optional[List[WorkerRef]]:
+        """The live workers, or None where Ray cannot be used (a forked process)."""
+        if _RAY_FORKED:
+            if not self._warned_fork:
+                self._warned_fork = True
+                log.warning(
+                    "ray_cache: process %d was forked from a process running Ray, where Ray "
+                    "cannot be used; pages not in this node's disk tier are read straight from "
+                    "the store (counted in ray_cache.pages.reader().stats()['direct_pages']). "
+                    "Use a 'forkserver' or 'spawn' multiprocessing context "
+                    "(DataLoader(multiprocessing_context=...)) to read through the cache.",
+                    os.getpid())
+            return None
+        with self._refresh_lock:
+            fresh = time.monotonic() - self._workers_at < WORKERS_TTL_S
+            if self._workers and fresh and not refresh:
+                return self._workers
+            if not ray.is_initialized() and self._address:
+                try:
+                    ray.init(address=self._address, logging_level=logging.WARNING,
+                             log_to_driver=False, ignore_reinit_error=True)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    log.warning("ray_cache: cannot join Ray at %s (%s); starting or finding "
+                                "one as ray_cache.start() does", self._address, exc)
+            from .api import _workers  # the public layer knows how to start workers
+
+            workers = _workers()
+            self.layout = Layout([w.name for w in workers], _local_slots(workers))
+            self._workers, self._workers_at, self._touches = workers, time.monotonic(), {}
+            return workers
+
+    # -- reading -------------------------------------------------------------------------
+    def read_range(self, fs: Any, obj: StoreObject, start: int, end: int,
+                   page_size: int = PAGE_SIZE) -> bytes:
+        """Bytes ``[start, end)`` of ``obj`` (already clamped to its size)."""
+        return self.read_planned(fs, page_requests(obj, start, end, page_size), start, end)
+
+    def read_planned(self, fs: Any, plan: Sequence[PageRequest], start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` from ``plan``, the consecutive pages that cover them."""
+        bufs = []
+        for r in plan:  # the warm path: every page already held by this process
+            buf = self._held(r)
+            if buf is None:
+                break
+            bufs.append(buf)
+        else:
+            self._buffer_hits += len(bufs)  # the hot path takes no lock (see stats)
+            return assemble(plan, bufs, start, end) if plan else b""
+        got = self.read_pages(fs, plan)
+        results = [got[r.key.digest] for r in plan]
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+        return assemble(plan, results, start, end)  # type: ignore[arg-type]
+
+    def read_ranges(self, fs: Any, items: Sequence[Tuple[StoreObject, int, int]],
+                    page_size: int = PAGE_SIZE) -> List[Union[bytes, BaseException]]:
+        """Bytes (or the exception) for each ``(obj, start, end)``, pages fetched together."""
+        plans = [page_requests(obj, s, e, page_size) for obj, s, e in items]
+        got = self.read_pages(fs, [r for plan in plans for r in plan])
+        out: List[Union[bytes, BaseException]] = []
+        for (_obj, s, e), plan in zip(items, plans):
+            bufs = [got[r.key.digest] for r in plan]
+            err = next((b for b in bufs if isinstance(b, BaseException)), None)
+            out.append(err if err is not None else assemble(plan, bufs, s, e) if plan else b"")
+        return out
+
+    def read_pages(self, fs: Any, reqs: Sequence[PageRequest]) -> Dict[str, PageResult]:
+        """Each page's buffer (or exception) by key digest, from the cheapest source."""
+        out: Dict[str, PageResult] = {}
+        todo: Dict[str, PageRequest] = {}
+        hits = 0
+        for r in reqs:
+            d = r.key.digest
+            if d in out or d in todo:
+                continue
+            buf = self._held(r)
+            if buf is not None:
+                out[d], hits = buf, hits + 1
+            else:
+                todo[d] = r
+        if hits:
+            self._buffer_hits += hits
+        if self.layout is None and todo and not _RAY_FORKED:
+            self.workers()  # learn the layout before trying the disk tier
+        for d, r in list(todo.items()):
+            buf = self._map(r)
+            if buf is not None:
+                out[d] = buf
+                del todo[d]
+        if todo:
+            out.update(self._fetch(fs, list(todo.values())))
+        return out
+
+    def _held(self, req: PageRequest) -> Optional[memoryview]:
+        """A page this process holds: mapped from disk, else an object-store buffer.
+
+        An object-store buffer is swapped for the disk-tier file once the owner has
+        written it (looked for at most once a second): copying from a file mapping is
+        faster here, and the object is no longer pinned.
+        """
+        d = req.key.digest
+        buf = self.mapped.get(d)
+        if buf is not None:
+            return buf
+        buf = self.buffers.get(d)
+        if buf is not None and self.short_circuit and self.layout is not None:
+            now = time.monotonic()
+            if self._map_retry.get(d, 0.0) <= now:
+                mapped = self._map(req)
+                if mapped is not None:
+                    self.buffers.pop(d)
+                    self._map_retry.pop(d, None)
+                    return mapped
+                if len(self._map_retry) > 65536:
+                    self._map_retry.clear()
+                self._map_retry[d] = now + 1.0
+        return buf
+
+    def _map(self, req: PageRequest) -> Optional[memoryview]:
+        layout = self.layout
+        slot = layout.slot_of(req.key.digest) if layout is not None and self.short_circuit else None
+        if slot is None:
+            return None
+        buf = map_page(slot, req.key.digest, req.end - req.start)
+        if buf is not None:
+            self.mapped.put(req.key.digest, None, buf)
+            self._count(mapped_pages=1)
+            self._touch(layout, req.key.digest)
+        return buf
+
+    def _touch(self, layout: Layout, digest: str) -> None:
+        # Report mapped reads to the owner now and then: its recency and hit counters.
+        workers = self._workers
+        if workers is None or _RAY_FORKED:
+            return
+        o = hashing.owner(digest, layout.names)
+        with self._lock:
+            batch = self._touches.setdefault(o, [])
+            batch.append(digest)
+            if len(batch) < TOUCH_BATCH:
+                return
+            self._touches[o] = []
+        try:
+            workers[o].handle.lookup.remote(batch)
+        except Exception:  # noqa: BLE001 - bookkeeping only; reads do not depend on it
+            pass
+
+    def _fetch(self, fs: Any, reqs: List[PageRequest]) -> Dict[str, PageResult]:
+        workers = self.workers()
+        if workers is None:
+            return {r.key.digest: self._direct(fs, r, "direct") for r in reqs}
+        got, _ = self._from_workers(fs, reqs, workers)
+        gone = [r for r in reqs if got[r.key.digest] is _GONE]
+        if gone:  # a worker died or was replaced (same name, new actor): ask Ray again
+            workers = self.workers(refresh=True) or []
+            dead: Dict[str, BaseException] = {}
+            if workers:
+                again, dead = self._from_workers(fs, gone, workers)
+                got.update(again)
+            for name, exc in dead.items():
+                _warn_once(name, exc)
+            for r in gone:
+                if got[r.key.digest] is _GONE:  # still no answer: the store, counted and reported
+                    got[r.key.digest] = self._direct(fs, r, "fallback")
+                    if workers:
+                        _report_fallback(workers, next(iter(dead), ""), 1, r.end - r.start)
+        return got
+
+    def _from_workers(self, fs: Any, reqs: Sequence[PageRequest], workers: Sequence[WorkerRef]
+                      ) -> Tuple[Dict[str, Any], Dict[str, BaseException]]:
+        """Results by digest (``_GONE`` where the owner did not answer) and the owners gone."""
+        names = [w.name for w in workers]
+        by_owner: Dict[int, List[PageRequest]] = {}
+        for r in reqs:
+            by_owner.setdefault(hashing.owner(r.key.digest, names), []).append(r)
+        streams: Dict[int, Any] = {}
+        dead: Dict[str, BaseException] = {}
+        for o, batch in by_owner.items():
+            try:
+                streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch)
+            except WORKER_GONE as exc:
+                dead[workers[o].name] = exc
+        out: Dict[str, Any] = {}
+        for o, batch in by_owner.items():
+            stream = streams.get(o)
+            for r in batch:
+                if stream is not None:
+                    try:
+                        out[r.key.digest] = self._take(stream, r)
+                        continue
+                    except WORKER_GONE + (StopIteration,) as exc:
+                        dead[workers[o].name] = exc
+                        stream = None
+                out[r.key.digest] = _GONE
+        return out, dead
+
+    def _take(self, stream: Any, req: PageRequest) -> PageResult:
+        item = ray.get(_next_item(stream), timeout=WORKER_TIMEOUT_S)
+        if item[0] == "err":
+            return item[1]
+        ref = item[1][0]
+        buf = page_buffer(ray.get(ref, timeout=WORKER_TIMEOUT_S).column(0))  # no copy on this node
+        if buf.nbytes != req.end - req.start:
+            return ObjectChangedError(
+                f"{req.obj.url}: page of {buf.nbytes} bytes at {req.start}, expected {req.end - req.start}")
+        self.buffers.put(req.key.digest, ref, buf)
+        self._count(worker_pages=1, worker_bytes=buf.nbytes)
+        return buf
+
+    def _direct(self, fs: Any, req: PageRequest, why: str) -> PageResult:
+        try:
+            buf = memoryview(fetch.read_page(fs, req))
+        except Exception as exc:  # noqa: BLE001 - returned for the caller to raise
+            return translate(exc, req.obj.url)
+        self.buffers.put(req.key.digest, None, buf)
+        if why == "direct":
+            self._count(direct_pages=1, direct_bytes=buf.nbytes)
+        else:
+            self._count(fallback_pages=1)
+        return buf
+
+
+def _local_slots(workers: Sequence[WorkerRef]) -> Dict[int, str]:
+    """Disk-tier slots of the workers on this node, by index (none where unreadable)."""
+    try:
+        here = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - no node, no local workers
+        return {}
+    local = [(i, w) for i, w in enumerate(workers) if w.node_id == here]
+    calls = [(i, w.handle.status.remote()) for i, w in local]
+    slots: Dict[int, str] = {}
+    for i, call in calls:
+        try:
+            slot = ray.get(call, timeout=WORKER_TIMEOUT_S).get("disk_dir")
+        except Exception:  # noqa: BLE001 - that worker is read through Ray, or not at all
+            continue
+        if slot and os.access(slot, os.R_OK | os.X_OK):
+            slots[i] = slot
+    return slots
+
+
+# -- this process's reader ------------------------------------------------------------------
+_READER: Optional[PageReader] = None
+_READER_LOCK = threading.Lock()
+#: True in a process forked from one that had Ray initialized: Ray is unusable here.
+_RAY_FORKED = False
+#: Readers inherited through fork: never released here, as releasing their object-store
+#: buffers would call into the parent's (dead in this process) Ray core worker.
+_INHERITED: List[PageReader] = []
+
+
+def reader() -> PageReader:
+    """This process's page reader (created on first use, and anew after a fork).
+
+    Examples
+    --------
+    >>> from ray_cache import pages
+    >>> pages.reader() is pages.reader()
+    True
+    """
+    global _READER
+    current = _READER
+    if current is not None:  # the common case, without the lock
+        return current
+    with _READER_LOCK:
+        if _READER is None:
+            _READER = PageReader()
+        return _READER
+
+
+def _after_fork_in_child() -> None:
+    global _READER, _READER_LOCK, _RAY_FORKED
+    _RAY_FORKED = _RAY_FORKED or ray.is_initialized()
+    layout = None
+    if _READER is not None:
+        _INHERITED.append(_READER)
+        layout = _READER.layout
+    _READER = PageReader(layout=layout) if layout is not None else None
+    _READER_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

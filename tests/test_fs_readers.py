@@ -1,0 +1,132 @@
+"""Readers that take an fsspec filesystem or URL, reading through ``raycache``.
+
+pandas (``raycache::`` URLs), pyarrow datasets (``PyFileSystem(FSSpecHandler(fs))``),
+PyTorch ``DataLoader`` worker processes (``spawn`` and the default ``fork``) and Ray Data.
+Warm reads are checked at the S3 server's counting proxy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from conftest import data_gets, make_table, read_all, write_dataset
+from ray_cache import pages
+from ray_cache.cluster import live_workers
+from ray_cache.fs import CacheFileSystem
+
+
+@pytest.fixture()
+def rfs(cache, s3fs_proxied):
+    pages.reader().clear()
+    return CacheFileSystem(fs=s3fs_proxied, skip_instance_cache=True)
+
+
+def test_pandas_read_csv_and_parquet_with_raycache_urls(cache, s3_server, s3fs_direct, proxy, prefix):
+    frame = make_table(2_000).to_pandas()
+    with s3fs_direct.open(f"{prefix}/t.csv", "wb") as f:
+        frame.to_csv(f, index=False)
+    with s3fs_direct.open(f"{prefix}/t.parquet", "wb") as f:
+        frame.to_parquet(f, index=False)
+    options = {"s3": s3_server.storage_options(endpoint_url=proxy.url)}
+    for _ in ("cold", "warm"):
+        proxy.reset()
+        got_csv = pd.read_csv(f"raycache::s3://{prefix}/t.csv", storage_options=options)
+        got_parquet = pd.read_parquet(f"raycache::s3://{prefix}/t.parquet", storage_options=options)
+        pd.testing.assert_frame_equal(got_csv, pd.read_csv(s3fs_direct.open(f"{prefix}/t.csv")))
+        pd.testing.assert_frame_equal(got_parquet, frame)
+    assert data_gets(proxy) == []
+
+
+def test_pyarrow_dataset_with_a_filter(rfs, s3fs_direct, proxy, prefix):
+    write_dataset(s3fs_direct, prefix, files=2, rows=4_000, rg_rows=1_000)
+    arrow_fs = PyFileSystem(FSSpecHandler(rfs))
+    for _ in ("cold", "warm"):
+        proxy.reset()
+        ds = pads.dataset(f"{prefix}/", filesystem=arrow_fs, format="parquet")
+        got = ds.to_table(filter=pads.field("label") == 3).sort_by("id")
+    assert data_gets(proxy) == []
+    want = pq.read_table(f"{prefix}/", filesystem=s3fs_direct).filter(pads.field("label") == 3).sort_by("id")
+    assert got.equals(want) and got.num_rows > 0
+
+
+class Blobs(torch.utils.data.Dataset):
+    """Image-sized blobs, one file each, read through the filesystem given."""
+
+    def __init__(self, fs, paths):
+        self.fs, self.paths = fs, paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        data = self.fs.cat_file(self.paths[i])
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), pages.reader().stats(), os.getpid()
+
+
+def _blobs(fs_direct, prefix, n=16, size=48_000):
+    rng = np.random.default_rng(7)
+    paths = [f"{prefix}/img/{i:03d}.jpg" for i in range(n)]
+    blobs = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in paths]
+    fs_direct.pipe(dict(zip(paths, blobs)))
+    return paths, blobs
+
+
+def test_torch_dataloader_spawned_workers_read_through_the_cache(rfs, s3fs_direct, proxy, prefix):
+    paths, blobs = _blobs(s3fs_direct, prefix)
+    assert rfs.cat(paths) == dict(zip(paths, blobs))  # warm the cache in this process
+    proxy.reset()
+    loader = torch.utils.data.DataLoader(Blobs(rfs, paths), batch_size=None, num_workers=2,
+                                         multiprocessing_context="spawn")
+    items = list(loader)
+    assert [bytes(t.numpy()) for t, _s, _p in items] == blobs
+    assert len({pid for _t, _s, pid in items} - {os.getpid()}) == 2
+    assert all(stats["direct_pages"] == 0 for _t, stats, _p in items)
+    assert data_gets(proxy) == [], "spawned workers join the cluster and read warm pages"
+
+
+def test_torch_dataloader_forked_workers_map_the_disk_tier_or_read_the_store_counted(
+        rfs, s3fs_direct, proxy, prefix):
+    paths, blobs = _blobs(s3fs_direct, prefix)
+
+    def epoch():
+        proxy.reset()
+        items = list(torch.utils.data.DataLoader(Blobs(rfs, paths), batch_size=None, num_workers=2))
+        assert [bytes(t.numpy()) for t, _s, _p in items] == blobs
+        last: dict = {}
+        for _t, stats, pid in items:  # each worker's counters after its last item
+            last[pid] = stats
+        assert len(last) == 2 and os.getpid() not in last
+        return {k: sum(s[k] for s in last.values()) for k in ("direct_pages", "mapped_pages")}
+
+    rfs.info(paths[0])  # Ray is in use in this process before the fork
+    cold = epoch()  # Ray is unusable in a forked child: nothing cached yet, so the store
+    assert cold["direct_pages"] == len(paths), "every page read from the store is counted"
+    assert len(data_gets(proxy)) == len(paths)
+
+    assert rfs.cat(paths) == dict(zip(paths, blobs))  # cached through the workers here
+    ray.get([w.handle.flush.remote() for w in live_workers()])  # their disk writes are done
+    warm = epoch()  # forked children map this node's disk tier: no Ray, no store
+    assert warm == {"direct_pages": 0, "mapped_pages": len(paths)}
+    assert data_gets(proxy) == []
+
+
+def test_ray_data_read_parquet_and_binary_files(rfs, s3fs_direct, proxy, prefix):
+    paths = write_dataset(s3fs_direct, prefix, files=2, rows=3_000, rg_rows=1_000)
+    want = pa.concat_tables([pq.read_table(p, filesystem=s3fs_direct) for p in paths]).sort_by("id")
+    rfs.cat(paths)  # cached here first; Ray Data's read tasks then find every page warm
+    proxy.reset()
+    got = read_all(ray.data.read_parquet(paths, filesystem=rfs))
+    raw = ray.data.read_binary_files(paths, filesystem=rfs, include_paths=True).take_all()
+    assert data_gets(proxy) == [], "read tasks (other processes) read the cached pages"
+    assert got.equals(want)
+    assert sorted((r["path"], r["bytes"]) for r in raw) == [(p, s3fs_direct.cat_file(p)) for p in paths]
