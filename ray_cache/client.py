@@ -11,7 +11,7 @@ a wrong row, never silent.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import ray
@@ -46,7 +46,7 @@ WORKER_GONE = (
 _warned: set = set()
 
 
-def _warn_once(name: str, exc: BaseException) -> None:
+def warn_once(name: str, exc: BaseException) -> None:
     if name not in _warned:
         _warned.add(name)
         log.warning(
@@ -56,7 +56,7 @@ def _warn_once(name: str, exc: BaseException) -> None:
         )
 
 
-def _report_fallback(workers: Sequence[WorkerRef], dead: str, units: int, nbytes: int) -> None:
+def report_fallback(workers: Sequence[WorkerRef], dead: str, units: int, nbytes: int) -> None:
     # Prefer a surviving worker; the "dead" one last, since Ray may have restarted it.
     for w in sorted(workers, key=lambda w: w.name == dead):
         try:
@@ -82,9 +82,9 @@ def footers(fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef
         try:
             results = ray.get(calls[o], timeout=WORKER_TIMEOUT_S)
         except WORKER_GONE as exc:
-            _warn_once(workers[o].name, exc)
+            warn_once(workers[o].name, exc)
             results = [_direct_footer(fs, objects[i]) for i in idx]
-            _report_fallback(workers, workers[o].name, len(idx), 0)
+            report_fallback(workers, workers[o].name, len(idx), 0)
         for i, res in zip(idx, results):
             if isinstance(res, BaseException):
                 raise res
@@ -99,7 +99,7 @@ def _direct_footer(fs: Any, obj: StoreObject) -> Any:
         return exc
 
 
-def _next_item(stream: Any) -> Any:
+def next_item(stream: Any) -> Any:
     # ``next()`` on a streaming generator has no timeout; a hung (not dead) worker must
     # not hang the reader, so use the bounded wait where this Ray has it.
     next_sync = getattr(stream, "_next_sync", None)
@@ -111,6 +111,47 @@ def _next_item(stream: Any) -> Any:
     return ref
 
 
+#: What :func:`ask_owners` yields for a request: ``(owner index, answer)``, where the
+#: answer is ``ray.get`` of the worker's item (the object it points to is still to be got)
+#: or the ``WORKER_GONE`` exception that ended that owner's stream.
+Answer = Tuple[int, Any]
+
+
+def ask_owners(
+    fs: Any,
+    requests: Sequence[Any],
+    workers: Sequence[WorkerRef],
+    gone: Optional[Dict[int, BaseException]] = None,
+) -> Iterator[Answer]:
+    """One streaming ``get_many`` call per owning worker; answers yielded in request order.
+
+    The shared routing step of Parquet read tasks (:func:`read_units`) and page reads
+    (:mod:`ray_cache.pages`). Once an owner is in ``gone`` (its stream failed here, or the
+    caller failed to get an object it pointed to and added it), every later request it
+    owned gets that exception at once, so no reader waits on a dead worker twice.
+    """
+    names = [w.name for w in workers]
+    owners = [hashing.owner(r.key.digest, names) for r in requests]
+    streams: Dict[int, Any] = {}
+    gone = {} if gone is None else gone
+    for o in sorted(set(owners)):
+        batch = [r for r, ow in zip(requests, owners) if ow == o]
+        try:
+            streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch)
+        except WORKER_GONE as exc:
+            gone[o] = exc
+    for o in owners:
+        if o not in gone:
+            try:
+                yield o, ray.get(next_item(streams[o]), timeout=WORKER_TIMEOUT_S)
+                continue
+            except WORKER_GONE as exc:
+                gone[o] = exc
+            except StopIteration:
+                gone[o] = RayActorError("the worker's stream ended early")
+        yield o, gone[o]
+
+
 def read_units(
     fs: Any, requests: Sequence[UnitRequest], workers: Sequence[WorkerRef]
 ) -> Iterator[pa.Table]:
@@ -119,37 +160,31 @@ def read_units(
     Bytes served are counted per owner as node-local or remote (this reader runs on
     another node than the owner) and reported to the owner when the task ends.
     """
-    names = [w.name for w in workers]
     try:
         here = ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - outside Ray there is no node to compare
         here = None
     served: Dict[int, List[int]] = {}
-    owners = [hashing.owner(r.key.digest, names) if names else -1 for r in requests]
-    streams: Dict[int, Iterator] = {}
-    for o in sorted(set(owners)):
-        if o < 0:
-            continue
-        batch = [r for r, ow in zip(requests, owners) if ow == o]
-        try:
-            streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch)
-        except WORKER_GONE:
-            pass
-    dead: set = set()
-    for req, o in zip(requests, owners):
+    dead: Dict[int, BaseException] = {}
+    answers = ask_owners(fs, requests, workers, dead) if workers else ((-1, None) for _ in requests)
+    for req, (o, answer) in zip(requests, answers):
         table = None
-        if o >= 0 and o not in dead and o in streams:
+        if o >= 0:
             try:
-                table = _from_worker(streams[o])
+                if isinstance(answer, BaseException):
+                    raise answer
+                if answer[0] == "err":
+                    raise answer[1]
+                table = ray.get(answer[1][0], timeout=WORKER_TIMEOUT_S)
                 tally = served.setdefault(o, [0, 0])
                 tally[0 if workers[o].node_id == here else 1] += table.nbytes
-            except WORKER_GONE + (StopIteration,) as exc:
-                dead.add(o)
-                _warn_once(workers[o].name, exc)
+            except WORKER_GONE as exc:
+                dead[o] = exc
+                warn_once(workers[o].name, exc)
         if table is None:
             table = fetch.read_unit(fs, req)
             if o >= 0:
-                _report_fallback(workers, workers[o].name, 1, table.nbytes)
+                report_fallback(workers, workers[o].name, 1, table.nbytes)
         yield table
     for o, (local, remote) in served.items():
         if o not in dead:
@@ -159,11 +194,4 @@ def read_units(
                 pass
 
 
-def _from_worker(stream: Any) -> pa.Table:
-    item = ray.get(_next_item(stream), timeout=WORKER_TIMEOUT_S)
-    if item[0] == "err":
-        raise item[1]
-    return ray.get(item[1][0], timeout=WORKER_TIMEOUT_S)
-
-
-__all__ = ["read_units", "footers", "WORKER_GONE", "CacheError"]
+__all__ = ["read_units", "ask_owners", "footers", "next_item", "warn_once", "report_fallback", "WORKER_GONE", "CacheError"]

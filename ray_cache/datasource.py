@@ -111,7 +111,7 @@ class CachedParquetDatasource(Datasource):
             )
             tasks.append(
                 ReadTask(
-                    _reader(self._fs, chunk, self._workers, self._columns),
+                    _reader(self._fs, chunk, self._workers),
                     meta,
                     schema=self._schema,
                     per_task_row_limit=per_task_row_limit,
@@ -120,11 +120,9 @@ class CachedParquetDatasource(Datasource):
         return tasks
 
 
-def _reader(fs: Any, chunk: List[UnitRequest], workers: List[WorkerRef], columns: Optional[List[str]]):
+def _reader(fs: Any, chunk: List[UnitRequest], workers: List[WorkerRef]):
+    # Keys keep the caller's column order, so tables come out as asked: nothing to reorder.
     def read() -> Any:
-        for table in client.read_units(fs, chunk, workers):
-            if columns is not None and table.column_names != columns:
-                table = table.select(columns)
-            yield table
+        yield from client.read_units(fs, chunk, workers)
 
     return read

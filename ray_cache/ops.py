@@ -130,7 +130,7 @@ def run_load(p: Plan, *, progress: Optional[bool] = None, cancel: Optional[threa
             batch = reqs[i : i + BATCH]
             try:
                 stream = handle.load.options(num_returns="streaming").remote(p.fs, batch)
-                items = [ray.get(client._next_item(stream)) for _ in batch]
+                items = [ray.get(client.next_item(stream)) for _ in batch]
             except client.WORKER_GONE as exc:
                 items = [("err", exc)] * len(batch)
             with lock:

@@ -86,13 +86,13 @@ import pyarrow as pa
 import ray
 
 from . import fetch, hashing
-from .client import WORKER_GONE, _next_item, _report_fallback, _warn_once
+from .client import WORKER_GONE, ask_owners, report_fallback, warn_once
 from .cluster import WorkerRef
 from .config import WORKER_TIMEOUT_S
 from .errors import ObjectChangedError, translate
 from .fetch import PageRequest
 from .keys import StoreObject
-from .tiers.disk import _KEY_FIELD, _SUFFIX
+from .tiers.disk import entry_path, read_entry
 
 log = logging.getLogger("ray_cache.pages")
 
@@ -174,17 +174,12 @@ def map_page(slot: str, digest: str, nbytes: int) -> Optional[memoryview]:
     metadata); anything unexpected (missing, damaged, of another key or size) is None,
     so the caller asks the owner instead.
     """
-    path = os.path.join(slot, digest[:2], digest + _SUFFIX)
+    table = read_entry(entry_path(slot, digest), digest)
+    if table is None or table.num_rows != 1:
+        return None
     try:
-        source = pa.memory_map(path, "r")
-        try:
-            reader = pa.ipc.open_file(source)
-            if (reader.schema.metadata or {}).get(_KEY_FIELD) != digest.encode():
-                return None
-            buf = page_buffer(reader.get_batch(0).column(0))
-        finally:
-            source.close()  # the mapping lives on in the buffer; the descriptor does not
-    except (OSError, pa.ArrowInvalid, IndexError, ValueError):
+        buf = page_buffer(table.column(0))
+    except (IndexError, ValueError):
         return None
     return buf if buf.nbytes == nbytes else None
 
@@ -495,44 +490,30 @@ class PageReader:
                 again, dead = self._from_workers(fs, gone, workers)
                 got.update(again)
             for name, exc in dead.items():
-                _warn_once(name, exc)
+                warn_once(name, exc)
             for r in gone:
                 if got[r.key.digest] is _GONE:  # still no answer: the store, counted and reported
                     got[r.key.digest] = self._direct(fs, r, "fallback")
                     if workers:
-                        _report_fallback(workers, next(iter(dead), ""), 1, r.end - r.start)
+                        report_fallback(workers, next(iter(dead), ""), 1, r.end - r.start)
         return got
 
     def _from_workers(self, fs: Any, reqs: Sequence[PageRequest], workers: Sequence[WorkerRef]
                       ) -> Tuple[Dict[str, Any], Dict[str, BaseException]]:
         """Results by digest (``_GONE`` where the owner did not answer) and the owners gone."""
-        names = [w.name for w in workers]
-        by_owner: Dict[int, List[PageRequest]] = {}
-        for r in reqs:
-            by_owner.setdefault(hashing.owner(r.key.digest, names), []).append(r)
-        streams: Dict[int, Any] = {}
-        dead: Dict[str, BaseException] = {}
-        for o, batch in by_owner.items():
-            try:
-                streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch)
-            except WORKER_GONE as exc:
-                dead[workers[o].name] = exc
         out: Dict[str, Any] = {}
-        for o, batch in by_owner.items():
-            stream = streams.get(o)
-            for r in batch:
-                if stream is not None:
-                    try:
-                        out[r.key.digest] = self._take(stream, r)
-                        continue
-                    except WORKER_GONE + (StopIteration,) as exc:
-                        dead[workers[o].name] = exc
-                        stream = None
+        gone: Dict[int, BaseException] = {}
+        for r, (o, answer) in zip(reqs, ask_owners(fs, reqs, workers, gone)):
+            try:
+                if isinstance(answer, BaseException):
+                    raise answer
+                out[r.key.digest] = self._take(answer, r)
+            except WORKER_GONE as exc:
+                gone[o] = exc
                 out[r.key.digest] = _GONE
-        return out, dead
+        return out, {workers[o].name: exc for o, exc in gone.items()}
 
-    def _take(self, stream: Any, req: PageRequest) -> PageResult:
-        item = ray.get(_next_item(stream), timeout=WORKER_TIMEOUT_S)
+    def _take(self, item: Any, req: PageRequest) -> PageResult:
         if item[0] == "err":
             return item[1]
         ref = item[1][0]

@@ -133,7 +133,7 @@ class Prefetch:
         handle = self._plan.workers[owner].handle
         try:
             stream = handle.load.options(num_returns="streaming").remote(self._plan.fs, [req])
-            item = ray.get(client._next_item(stream))
+            item = ray.get(client.next_item(stream))
         except Exception as exc:  # noqa: BLE001 - reported; the reader meets it again or falls back
             item = ("err", exc)
         with self._lock:

@@ -70,7 +70,7 @@ class DiskTier(Tier):
             self._lock_fd = -1
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.slot, key[:2], key + _SUFFIX)
+        return entry_path(self.slot, key)
 
     def _reindex(self) -> None:
         found: List[Tuple[float, str, int]] = []
@@ -109,16 +109,12 @@ class DiskTier(Tier):
         if key not in self:
             return None
         path = self._path(key)
-        try:
-            with pa.memory_map(path, "r") as source:
-                table = pa.ipc.open_file(source).read_all()
-            meta = table.schema.metadata or {}
-            if meta.get(_KEY_FIELD) != key.encode():
-                raise ValueError("key mismatch")
-        except (OSError, ValueError, pa.ArrowInvalid):
+        table = read_entry(path, key)
+        if table is None:
             self.corrupt_dropped += 1
             self.remove(key)
             return None
+        meta = table.schema.metadata or {}
         table = table.replace_schema_metadata(
             {k: v for k, v in meta.items() if k not in _OURS} or None
         )
@@ -164,13 +160,32 @@ class DiskTier(Tier):
             raise
 
 
-def _read_label(path: str, key: str):
-    """``(protocol, path)`` from an entry file's schema, or None if it is not a valid entry."""
+def entry_path(slot: str, key: str) -> str:
+    """Where the entry ``key`` lives in a slot directory: ``slot/<2 hex>/<key>.arrow``."""
+    return os.path.join(slot, key[:2], key + _SUFFIX)
+
+
+def read_entry(path: str, key: str) -> Optional[pa.Table]:
+    """The entry file at ``path``, memory-mapped, if it is a valid entry for ``key``; else None.
+
+    The one place that reads an entry file: the tier itself, its re-index and same-node
+    page readers (:mod:`ray_cache.pages`) all go through it, so the key check is never
+    skipped. The returned table's buffers stay mapped after the file is closed.
+    """
     try:
         with pa.memory_map(path, "r") as source:
-            meta = pa.ipc.open_file(source).schema.metadata or {}
+            table = pa.ipc.open_file(source).read_all()
     except (OSError, pa.ArrowInvalid):
         return None
-    if meta.get(_KEY_FIELD) != key.encode():
+    if (table.schema.metadata or {}).get(_KEY_FIELD) != key.encode():
         return None
+    return table
+
+
+def _read_label(path: str, key: str):
+    """``(protocol, path)`` from an entry file's schema, or None if it is not a valid entry."""
+    table = read_entry(path, key)
+    if table is None:
+        return None
+    meta = table.schema.metadata or {}
     return (meta.get(_PROTOCOL_FIELD, b"").decode(), meta.get(_PATH_FIELD, b"").decode())
