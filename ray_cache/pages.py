@@ -305,6 +305,14 @@ class PageReader:
             for name, delta in deltas.items():
                 self._counters[name] = self._counters.get(name, 0) + delta
 
+    def count_buffer_hits(self, n: int) -> None:
+        """Count ``n`` pages served from this process's buffers (see :meth:`stats`)."""
+        self._buffer_hits += n
+
+    def mapped_view(self, digest: str) -> Optional[memoryview]:
+        """The page mapped from this node's disk tier, if this process holds it mapped."""
+        return self.mapped.get(digest)
+
     def stats(self) -> Dict[str, int]:
         """This process's page counters.
 
