@@ -100,6 +100,21 @@ class LocalCache:
             return None
         return self.memory.lookup(digest)
 
+    def touch(self, digests: Sequence[str]) -> int:
+        """Record reads of disk-tier entries made without asking (mapped by a reader on
+        this node): their recency and hit counters. Returns how many were present."""
+        found = nbytes = 0
+        for d in digests:
+            size = self.disk.sizes.get(d)
+            if size is None:
+                continue
+            self.disk.touch(d)
+            self.memory.touch(d)
+            found, nbytes = found + 1, nbytes + size
+        if found:
+            self.count(hits=found, disk_hits=found, bytes_from_cache=nbytes, bytes_from_disk=nbytes)
+        return found
+
     def get_or_load(self, key: EntryKey, load: Callable[[], pa.Table]) -> Served:
         """Serve ``key`` from memory, else disk (promoting), else ``load()`` it once."""
         digest = key.digest

@@ -57,19 +57,18 @@ from __future__ import annotations
 
 import os
 import pickle
-import threading
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import fsspec
 import fsspec.utils
 import ray
 from fsspec.implementations.chained import ChainedFileSystem
-from fsspec.spec import AbstractBufferedFile, AbstractFileSystem, make_instance
+from fsspec.spec import AbstractFileSystem, make_instance
 
 from . import pages
+from .fsfile import CachedFile
+from .fsmeta import MetadataCache
 from .errors import ObjectChangedError, raise_translated
-from .fetch import PageRequest, page_request
 from .keys import StoreObject
 from .underfs import _protocol_of, version_of
 
@@ -78,8 +77,6 @@ METADATA_TTL_S = 5.0
 _REMOTE_ARGS = ("path", "path1", "path2", "rpath")
 #: Read options that ask for another version than the current one: refused, not ignored.
 _VERSION_ARGS = ("version_id", "generation", "version")
-#: Disk-tier page mappings one open file keeps for its warm path (address space only).
-MAX_FILE_VIEWS = 64
 
 
 def _refuse_version_args(kwargs: Dict[str, Any], path: str) -> None:
@@ -87,37 +84,6 @@ def _refuse_version_args(kwargs: Dict[str, Any], path: str) -> None:
     if asked:
         raise ValueError(f"{path}: raycache reads the current version of an object; "
                          f"{', '.join(asked)}= is not supported (read it from the target filesystem)")
-
-
-class _Metadata:
-    """Answers of the target's metadata calls, each reused for ``ttl`` seconds."""
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self._items: Dict[Any, Tuple[float, Any]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, load: Callable[[], Any]) -> Any:
-        if self.ttl > 0:
-            with self._lock:
-                hit = self._items.get(key)
-            if hit is not None and time.monotonic() - hit[0] < self.ttl:
-                return hit[1]
-        value = load()
-        self.put(key, value)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        if self.ttl > 0:
-            with self._lock:
-                self._items[key] = (time.monotonic(), value)
-
-    def forget(self, key: Any = None) -> None:
-        with self._lock:
-            if key is None:
-                self._items.clear()
-            else:
-                self._items.pop(key, None)
 
 
 def _target_from_protocol(protocol: str, options: Dict[str, Any]) -> AbstractFileSystem:
@@ -206,7 +172,7 @@ class CacheFileSystem(ChainedFileSystem):
         self.page_size, self.metadata_ttl, self.buffer_bytes = page_size, float(metadata_ttl), buffer_bytes
         self.target_protocol = _protocol_of(fs)
         self._target, self._pid = fs, os.getpid()
-        self._meta = _Metadata(self.metadata_ttl)
+        self._meta = MetadataCache(self.metadata_ttl)
         self._strip_protocol: Callable[[Any], Any] = self._strip  # type: ignore[method-assign]
 
     @classmethod
@@ -235,7 +201,7 @@ class CacheFileSystem(ChainedFileSystem):
         """The target filesystem, usable in this process (rebuilt in a forked child)."""
         if self._pid != os.getpid():  # the parent's sessions and event loops are not ours
             self._target = pickle.loads(pickle.dumps(self._target))
-            self._meta, self._pid = _Metadata(self.metadata_ttl), os.getpid()
+            self._meta, self._pid = MetadataCache(self.metadata_ttl), os.getpid()
         return self._target
 
     def __reduce__(self) -> Tuple[Any, ...]:
@@ -476,79 +442,3 @@ class CacheFileSystem(ChainedFileSystem):
 
     def rmdir(self, path: str) -> Any:
         return self._write("rmdir", (0,), path)
-
-
-class CachedFile(AbstractBufferedFile):
-    """A file open for reading: one object version, read in pages through the cache.
-
-    Reads go straight to the pages (fsspec's ``"none"`` cache type): the pages and this
-    process's page buffers are the cache, so there is no second buffer here.
-    """
-
-    def __init__(self, fs: CacheFileSystem, path: str, obj: StoreObject, info: Dict[str, Any],
-                 block_size: Optional[int] = None) -> None:
-        self.obj = obj
-        self._plan: Dict[int, PageRequest] = {}
-        self._page_size = fs.page_size
-        # Pages of this file mapped from the node's disk tier, by index: the warm path of
-        # read() slices them without asking the process's page buffers (no lock, no call).
-        # A mapping pins no memory (only address space), and entries are immutable.
-        self._views: Dict[int, memoryview] = {}
-        super().__init__(fs, path, mode="rb", block_size=block_size or fs.page_size,
-                         cache_type="none", size=obj.size)
-        self.details = info
-
-    def read(self, length: int = -1) -> bytes:
-        """Up to ``length`` bytes from the current position (to the end if negative)."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file.")
-        lo, size = self.loc, self.size
-        hi = size if length is None or length < 0 else min(size, lo + int(length))
-        if hi <= lo:
-            return b""
-        size = self._page_size
-        first, last = lo // size, (hi - 1) // size
-        views = self._views
-        if first == last:  # within one page: the common warm case
-            view = views.get(first)
-            if view is not None:
-                base = first * size
-                self.loc = hi
-                pages.reader().count_buffer_hits(1)
-                return view[lo - base:hi - base].tobytes()
-        elif all(i in views for i in range(first, last + 1)):
-            parts = [views[i] for i in range(first, last + 1)]
-            parts[0] = parts[0][lo - first * size:]
-            parts[-1] = parts[-1][:hi - last * size]
-            self.loc = hi
-            pages.reader().count_buffer_hits(len(parts))
-            return b"".join(parts)
-        out = self._fetch_range(lo, hi)
-        self.loc += len(out)
-        return out
-
-    def _fetch_range(self, start: int, end: int) -> bytes:
-        fs: CacheFileSystem = self.fs
-        lo, hi = pages.clamp(start, end, self.obj.size)
-        if hi <= lo:
-            return b""
-        size = self._page_size
-        indexes = range(lo // size, (hi - 1) // size + 1)
-        plan = [self._page(i) for i in indexes]
-        reader = pages.reader()
-        out = reader.read_planned(fs.target, plan, lo, hi)
-        for index, req in zip(indexes, plan):
-            if index not in self._views:
-                view = reader.mapped_view(req.key.digest)
-                if view is not None:
-                    if len(self._views) >= MAX_FILE_VIEWS:
-                        self._views.clear()
-                    self._views[index] = view
-        return out
-
-    def _page(self, index: int) -> PageRequest:
-        # Each page's key (a SHA-256) is computed once per open file, not once per read.
-        req = self._plan.get(index)
-        if req is None:
-            req = self._plan[index] = page_request(self.obj, index, self.fs.page_size)
-        return req

@@ -35,7 +35,7 @@ Where a page comes from (cheapest first)
    digest in its schema (checked), entries are immutable (the key includes the version)
    and written under a temporary name then renamed, so a mapped page is never partial or
    stale; an evicted file stays readable while mapped. These reads are reported to the
-   owner in batches (``lookup``), so its counters and recency see them. A page first
+   owner in batches (``touch``), so its counters and recency see them. A page first
    received as an object-store buffer is swapped for its file once the owner has written
    it (unpinning the object). ``RAY_CACHE_SHORT_CIRCUIT=0`` (or
    ``reader().short_circuit = False``) turns this step off.
@@ -72,196 +72,46 @@ threads at once.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-import pyarrow as pa
 import ray
 
 from . import fetch, hashing
+from .pagebuf import (  # noqa: F401 - re-exported: the page parts are used as pages.*
+    BUFFER_BYTES,
+    MAPPED_BYTES,
+    PAGE_SIZE,
+    Layout,
+    PageBuffers,
+    assemble,
+    clamp,
+    map_page,
+    page_buffer,
+    page_requests,
+)
 from .client import WORKER_GONE, ask_owners, report_fallback, warn_once
 from .cluster import WorkerRef
 from .config import WORKER_TIMEOUT_S
 from .errors import ObjectChangedError, translate
 from .fetch import PageRequest
 from .keys import StoreObject
-from .tiers.disk import entry_path, read_entry
 
 log = logging.getLogger("ray_cache.pages")
 
-#: Default page size (see the module docstring for why 4 MiB).
-PAGE_SIZE = 4 * 1024 * 1024
-#: Bytes of object-store page buffers one process keeps (``$RAY_CACHE_PAGE_BUFFER_BYTES``).
-BUFFER_BYTES = int(os.environ.get("RAY_CACHE_PAGE_BUFFER_BYTES", 64 * 1024 * 1024))
-#: Bytes of disk-tier pages one process keeps mapped (address space, not memory).
-MAPPED_BYTES = int(os.environ.get("RAY_CACHE_PAGE_MAPPED_BYTES", 4 * 1024**3))
 #: Seconds a process reuses its list of workers before asking Ray again.
 WORKERS_TTL_S = 30.0
-#: Directly mapped pages reported to their owner per ``lookup`` call.
+#: Directly mapped pages reported to their owner per ``touch`` call, at most ...
 TOUCH_BATCH = 256
+#: ... and at least this often (seconds) while pages are being mapped.
+TOUCH_EVERY_S = 1.0
 
 #: One page's bytes, or the exception that stands for it.
 PageResult = Union[memoryview, BaseException]
 _GONE = object()  # marks a page whose owner did not answer
-
-
-def clamp(start: Optional[int], end: Optional[int], size: int) -> Tuple[int, int]:
-    """``[start, end)`` within ``[0, size]``, with Python slice rules for None and negatives.
-
-    This is what fsspec's own filesystems (local, memory) return for ``cat_file``:
-    reading past the end gives the bytes up to the end, possibly none.
-
-    Examples
-    --------
-    >>> clamp(None, None, 10), clamp(-3, None, 10), clamp(5, 30, 10), clamp(20, 30, 10)
-    ((0, 10), (7, 10), (5, 10), (10, 10))
-    >>> clamp(5, 3, 10), clamp(None, -2, 10)
-    ((5, 5), (0, 8))
-    """
-    lo = 0 if start is None else (max(0, size + start) if start < 0 else min(start, size))
-    hi = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
-    return lo, max(lo, hi)
-
-
-def page_requests(obj: StoreObject, start: int, end: int, page_size: int) -> List[PageRequest]:
-    """The page requests covering bytes ``[start, end)`` of ``obj`` (none when empty).
-
-    Examples
-    --------
-    >>> obj = StoreObject("s3", "b/k", 10, "etag:x/10")
-    >>> [(r.start, r.end) for r in page_requests(obj, 3, 9, 4)]
-    [(0, 4), (4, 8), (8, 10)]
-    """
-    if end <= start:
-        return []
-    first, last = start // page_size, (end - 1) // page_size
-    return [_page_request(obj, i, page_size) for i in range(first, last + 1)]
-
-
-#: Keys are SHA-256 digests: computed once per page, not once per read of it.
-_page_request = functools.lru_cache(maxsize=1 << 16)(fetch.page_request)
-
-
-def assemble(reqs: Sequence[PageRequest], bufs: Sequence[memoryview], start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` cut from consecutive pages (one copy)."""
-    parts = [buf[max(start, r.start) - r.start : min(end, r.end) - r.start] for r, buf in zip(reqs, bufs)]
-    return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
-
-
-def page_buffer(column: Any) -> memoryview:
-    """The bytes of a page entry's one value, without a copy.
-
-    (``column[0].as_buffer()`` costs ~30x more: it builds a scalar first.)
-    """
-    if isinstance(column, pa.ChunkedArray):
-        column = column.chunk(0)
-    _validity, offsets, data = column.buffers()
-    lo, hi = np.frombuffer(offsets, dtype=np.int64, count=2, offset=column.offset * 8)
-    return memoryview(data.slice(int(lo), int(hi - lo)))
-
-
-def map_page(slot: str, digest: str, nbytes: int) -> Optional[memoryview]:
-    """A page from a disk-tier slot on this node, memory-mapped, or None if not there.
-
-    Reads the tier's layout (``slot/<2 hex>/<digest>.arrow``, the digest in the schema
-    metadata); anything unexpected (missing, damaged, of another key or size) is None,
-    so the caller asks the owner instead.
-    """
-    table = read_entry(entry_path(slot, digest), digest)
-    if table is None or table.num_rows != 1:
-        return None
-    try:
-        buf = page_buffer(table.column(0))
-    except (IndexError, ValueError):
-        return None
-    return buf if buf.nbytes == nbytes else None
-
-
-class PageBuffers:
-    """An LRU of page buffers, bounded in bytes (thread-safe).
-
-    Each entry keeps the buffer and, when it came from a worker, the ``ObjectRef`` of the
-    entry, which keeps the object in the object store while the buffer is in use.
-
-    Examples
-    --------
-    >>> lru = PageBuffers(capacity=8)
-    >>> lru.put("a", None, memoryview(b"12345"))
-    >>> lru.put("b", None, memoryview(b"6789"))  # evicts "a": 9 bytes > 8
-    >>> lru.get("a") is None, bytes(lru.get("b"))
-    (True, b'6789')
-    """
-
-    def __init__(self, capacity: int = BUFFER_BYTES) -> None:
-        self.capacity = int(capacity)
-        self.used = 0
-        self._items: "OrderedDict[str, Tuple[Any, memoryview]]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> Optional[memoryview]:
-        with self._lock:
-            item = self._items.get(digest)
-            if item is None:
-                return None
-            self._items.move_to_end(digest)
-            return item[1]
-
-    def put(self, digest: str, ref: Any, buf: memoryview) -> None:
-        if buf.nbytes > self.capacity:
-            return
-        with self._lock:
-            old = self._items.pop(digest, None)
-            if old is not None:
-                self.used -= old[1].nbytes
-            self._items[digest] = (ref, buf)
-            self.used += buf.nbytes
-            self._shrink()
-
-    def pop(self, digest: str) -> None:
-        with self._lock:
-            item = self._items.pop(digest, None)
-            if item is not None:
-                self.used -= item[1].nbytes
-
-    def clear(self) -> None:
-        """Drop every buffer (the workers keep their entries)."""
-        with self._lock:
-            self._items.clear()
-            self.used = 0
-
-    def resize(self, capacity: int) -> None:
-        with self._lock:
-            self.capacity = int(capacity)
-            self._shrink()
-
-    def _shrink(self) -> None:
-        while self.used > self.capacity and self._items:
-            _digest, (_ref, buf) = self._items.popitem(last=False)
-            self.used -= buf.nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-@dataclass
-class Layout:
-    """Who owns which page, and where this node's owners keep pages on disk.
-
-    Plain strings only, so it survives ``fork`` (where Ray handles do not).
-    """
-
-    names: List[str]
-    slots: Dict[int, str] = field(default_factory=dict)  # owner index -> disk-tier slot here
-
-    def slot_of(self, digest: str) -> Optional[str]:
-        return self.slots.get(hashing.owner(digest, self.names)) if self.names else None
 
 
 class PageReader:
@@ -288,6 +138,7 @@ class PageReader:
         self._counters: Dict[str, int] = {}
         self._buffer_hits = 0
         self._touches: Dict[int, List[str]] = {}
+        self._touched_at = time.monotonic()
         self._map_retry: Dict[str, float] = {}  # digest -> when to look for its file again
         self._warned_fork = False
         #: Map pages of this node's disk tier directly (step 2); False: always ask the owner.
@@ -364,8 +215,9 @@ class PageReader:
             from .api import _workers  # the public layer knows how to start workers
 
             workers = _workers()
+            self.flush_touches()  # indexes in the old list of workers
             self.layout = Layout([w.name for w in workers], _local_slots(workers))
-            self._workers, self._workers_at, self._touches = workers, time.monotonic(), {}
+            self._workers, self._workers_at = workers, time.monotonic()
             return workers
 
     # -- reading -------------------------------------------------------------------------
@@ -470,20 +322,35 @@ class PageReader:
 
     def _touch(self, layout: Layout, digest: str) -> None:
         # Report mapped reads to the owner now and then: its recency and hit counters.
-        workers = self._workers
-        if workers is None or _RAY_FORKED:
+        if self._workers is None or _RAY_FORKED:
             return
         o = hashing.owner(digest, layout.names)
         with self._lock:
-            batch = self._touches.setdefault(o, [])
-            batch.append(digest)
-            if len(batch) < TOUCH_BATCH:
-                return
-            self._touches[o] = []
-        try:
-            workers[o].handle.lookup.remote(batch)
-        except Exception:  # noqa: BLE001 - bookkeeping only; reads do not depend on it
-            pass
+            self._touches.setdefault(o, []).append(digest)
+            due = (len(self._touches[o]) >= TOUCH_BATCH
+                   or time.monotonic() - self._touched_at >= TOUCH_EVERY_S)
+        if due:
+            self.flush_touches()
+
+    def flush_touches(self) -> List[Any]:
+        """Report the pages this process mapped from disk since the last report to their
+        owners now (it happens on its own every :data:`TOUCH_BATCH` pages or
+        :data:`TOUCH_EVERY_S` seconds). Bookkeeping only: reads never wait on it.
+        Returns the calls' ``ObjectRef`` s, for a caller that wants to wait."""
+        workers = self._workers
+        with self._lock:
+            batches, self._touches = self._touches, {}
+            self._touched_at = time.monotonic()
+        calls: List[Any] = []
+        if workers is None or _RAY_FORKED:
+            return calls
+        for o, batch in batches.items():
+            if batch and o < len(workers):
+                try:
+                    calls.append(workers[o].handle.touch.remote(batch))
+                except Exception:  # noqa: BLE001 - bookkeeping only; reads do not depend on it
+                    pass
+        return calls
 
     def _fetch(self, fs: Any, reqs: List[PageRequest]) -> Dict[str, PageResult]:
         workers = self.workers()

@@ -156,6 +156,11 @@ class CacheWorker:
                              bytes_from_cache=nbytes, bytes_from_memory=nbytes)
         return [None if f is None else ([f[0]], f[1]) for f in found]
 
+    def touch(self, digests: Sequence[str]) -> int:
+        """Count reads of this worker's disk-tier entries that a reader on this node mapped
+        directly (``ray_cache.pages``), and refresh their recency; returns how many exist."""
+        return self.cache.touch(digests)
+
     def footers(self, fs: Any, objects: Sequence[StoreObject]) -> List[Any]:
         """Footer bytes of each object (cached by version), or the exception for it."""
         futures = [self._pool.submit(self._footer, fs, obj) for obj in objects]

@@ -111,6 +111,9 @@ def test_pages_survive_a_worker_restart_on_its_disk_tier(cache, s3fs_direct, s3f
     assert rfs.cat_file(path) == data
     assert reader.stats()["mapped_pages"] == mapped + 2
     assert data_gets(proxy) == [] and ray_cache.stats()["disk_hits"] == 2
+    # The owner learns of the mapped reads (its hit counters and disk-tier recency).
+    assert sum(ray.get(reader.flush_touches(), timeout=60)) == 2
+    assert ray_cache.stats()["disk_hits"] == 4
 
 
 def test_reads_past_the_end_return_what_fsspec_filesystems_return(rfs, s3fs_direct, prefix):

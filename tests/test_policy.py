@@ -203,3 +203,23 @@ def test_data_twice_the_cache_three_epochs_hit_ratio_at_the_store(
         assert min(hit_ratios) >= 0.4, (gets, hit_ratios)
     else:
         assert max(hit_ratios) <= 0.1, (gets, hit_ratios)
+
+
+def test_reads_mapped_by_readers_count_as_disk_hits_and_keep_entries_recent(tmp_path):
+    import pyarrow as pa
+
+    from ray_cache.entries import LocalCache
+
+    cache = LocalCache(WorkerConfig(memory_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=str(tmp_path)))
+    try:
+        a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
+        table = pa.table({"v": [b"x" * 1000]})
+        assert cache.disk.put(a, table) and cache.disk.put(b, table)
+        size = cache.disk.sizes[a]
+        cache.disk.resize(2 * size + size // 2)  # room for two entries
+        assert cache.touch([a, "dd" * 32]) == 1, "only entries the disk tier holds are counted"
+        assert (cache.counters["disk_hits"], cache.counters["bytes_from_disk"]) == (1, size)
+        assert cache.disk.put(c, table)
+        assert a in cache.disk and b not in cache.disk, "the touched entry is the recent one: b goes"
+    finally:
+        cache.disk.close()

@@ -1,0 +1,93 @@
+"""A file of a ``raycache`` filesystem open for reading (:class:`CachedFile`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+from fsspec.spec import AbstractBufferedFile
+
+from . import pages
+from .fetch import PageRequest, page_request
+from .keys import StoreObject
+
+if TYPE_CHECKING:  # pragma: no cover - the filesystem imports this module
+    from .fs import CacheFileSystem
+
+#: Disk-tier page mappings one open file keeps for its warm path (address space only).
+MAX_FILE_VIEWS = 64
+
+
+class CachedFile(AbstractBufferedFile):
+    """A file open for reading: one object version, read in pages through the cache.
+
+    Reads go straight to the pages (fsspec's ``"none"`` cache type): the pages and this
+    process's page buffers are the cache, so there is no second buffer here.
+    """
+
+    def __init__(self, fs: "CacheFileSystem", path: str, obj: StoreObject, info: Dict[str, Any],
+                 block_size: Optional[int] = None) -> None:
+        self.obj = obj
+        self._plan: Dict[int, PageRequest] = {}
+        self._page_size = fs.page_size
+        # Pages of this file mapped from the node's disk tier, by index: the warm path of
+        # read() slices them without asking the process's page buffers (no lock, no call).
+        # A mapping pins no memory (only address space), and entries are immutable.
+        self._views: Dict[int, memoryview] = {}
+        super().__init__(fs, path, mode="rb", block_size=block_size or fs.page_size,
+                         cache_type="none", size=obj.size)
+        self.details = info
+
+    def read(self, length: int = -1) -> bytes:
+        """Up to ``length`` bytes from the current position (to the end if negative)."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        lo, size = self.loc, self.size
+        hi = size if length is None or length < 0 else min(size, lo + int(length))
+        if hi <= lo:
+            return b""
+        size = self._page_size
+        first, last = lo // size, (hi - 1) // size
+        views = self._views
+        if first == last:  # within one page: the common warm case
+            view = views.get(first)
+            if view is not None:
+                base = first * size
+                self.loc = hi
+                pages.reader().count_buffer_hits(1)
+                return view[lo - base:hi - base].tobytes()
+        elif all(i in views for i in range(first, last + 1)):
+            parts = [views[i] for i in range(first, last + 1)]
+            parts[0] = parts[0][lo - first * size:]
+            parts[-1] = parts[-1][:hi - last * size]
+            self.loc = hi
+            pages.reader().count_buffer_hits(len(parts))
+            return b"".join(parts)
+        out = self._fetch_range(lo, hi)
+        self.loc += len(out)
+        return out
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        fs: "CacheFileSystem" = self.fs
+        lo, hi = pages.clamp(start, end, self.obj.size)
+        if hi <= lo:
+            return b""
+        size = self._page_size
+        indexes = range(lo // size, (hi - 1) // size + 1)
+        plan = [self._page(i) for i in indexes]
+        reader = pages.reader()
+        out = reader.read_planned(fs.target, plan, lo, hi)
+        for index, req in zip(indexes, plan):
+            if index not in self._views:
+                view = reader.mapped_view(req.key.digest)
+                if view is not None:
+                    if len(self._views) >= MAX_FILE_VIEWS:
+                        self._views.clear()
+                    self._views[index] = view
+        return out
+
+    def _page(self, index: int) -> PageRequest:
+        # Each page's key (a SHA-256) is computed once per open file, not once per read.
+        req = self._plan.get(index)
+        if req is None:
+            req = self._plan[index] = page_request(self.obj, index, self.fs.page_size)
+        return req
