@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import platform
@@ -44,17 +43,13 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _common import log, open_store, quiet_ray_data, start_local_ray
 
 BUCKET = "ray-cache-bench"
 PREFIX = "ingest"
 BATCH_SIZE = 65536
 MEMORY_BYTES = 2 << 30
 DISK_BYTES = 4 << 30
-
-
-def log(msg: str) -> None:
-    """A progress line on stderr (stdout carries the report)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def make_table(start: int, n: int, rng: np.random.Generator) -> pa.Table:
@@ -161,33 +156,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--rows, --files, --row-group-rows and --repeats must be positive")
 
     import ray
-    import s3fs
 
     import ray_cache
-    from ray_cache.testing import CountingProxy, S3Server
 
     tmp = tempfile.mkdtemp(prefix="ray_cache_bench_")
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        log("starting the S3 server and the counting proxy …")
-        server = stack.enter_context(S3Server())
-        server.create_bucket(BUCKET)
-        proxy = stack.enter_context(CountingProxy(server.endpoint_url))
-        plain_fs = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
-        proxy_fs = s3fs.S3FileSystem(**server.storage_options(proxy.url), skip_instance_cache=True)
+        store = open_store(stack, BUCKET)
+        proxy, plain_fs, proxy_fs = store.proxy, store.direct_fs, store.far_fs
         local_dir = os.path.join(tmp, "data")
         os.makedirs(local_dir)
         log(f"writing {args.rows:,} rows in {args.files} files to the S3 server and {local_dir} …")
         parquet_bytes = write_dataset(args, plain_fs, local_dir)
 
-        log("starting Ray …")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-        stack.callback(ray.shutdown)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        ray.data.range(8, override_num_blocks=4).map_batches(lambda b: b).take_all()  # warm-up
+        start_local_ray(stack)
+        quiet_ray_data()
 
         url = f"s3://{BUCKET}/{PREFIX}/"
         bench = Bench(args.rows, args.repeats, proxy)

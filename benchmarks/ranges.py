@@ -33,7 +33,6 @@ total read time), the command line and the machine.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import shlex
@@ -45,15 +44,11 @@ from contextlib import ExitStack
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
+from _common import log, open_store, start_local_ray
 
 BUCKET = "ray-cache-bench"
 KEY = "ranges/object.bin"
 Range = Tuple[int, int]
-
-
-def log(msg: str) -> None:
-    """A progress line on stderr (stdout carries the report)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def make_ranges(args: argparse.Namespace, size: int) -> List[Range]:
@@ -141,7 +136,7 @@ def main(argv: Sequence[str] = ()) -> None:
     import ray_cache
     from ray_cache import pages
     from ray_cache.fs import CacheFileSystem
-    from ray_cache.testing import CountingProxy, S3Server, s3_data_gets
+    from ray_cache.testing import s3_data_gets
 
     size = args.size_mb * 1_000_000
     results: Dict[str, Dict[str, float]] = {}
@@ -149,16 +144,10 @@ def main(argv: Sequence[str] = ()) -> None:
     with ExitStack() as stack:
         tmp = tempfile.mkdtemp(prefix="ranges-bench-")
         stack.callback(shutil.rmtree, tmp, True)
-        server = stack.enter_context(S3Server())
-        server.create_bucket(BUCKET)
-        proxy = stack.enter_context(CountingProxy(
-            server.endpoint_url, rate_bytes_per_s=args.rate_mb_s * 1e6 or None,
-            latency_ms=args.latency_ms))
-        # blockcache reads through its own proxy, so warm GETs are counted per cache.
-        bproxy = stack.enter_context(CountingProxy(
-            server.endpoint_url, rate_bytes_per_s=args.rate_mb_s * 1e6 or None,
-            latency_ms=args.latency_ms))
-        writer = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
+        store = open_store(stack, BUCKET, args.rate_mb_s, args.latency_ms)
+        proxy = store.proxy
+        bproxy = store.another_proxy(stack)  # blockcache's: warm GETs counted per cache
+        writer = store.direct_fs
         data = np.random.default_rng(args.seed + 1).integers(0, 256, size, dtype=np.uint8).tobytes()
         log(f"writing {args.size_mb} MB to the S3 server")
         writer.pipe(f"{BUCKET}/{KEY}", data)
@@ -171,8 +160,7 @@ def main(argv: Sequence[str] = ()) -> None:
                 raise AssertionError(f"read {i} [{start}, {end}) returned wrong bytes")
 
         def reader_fs(via: Any = proxy) -> Any:
-            return s3fs.S3FileSystem(**server.storage_options(endpoint_url=via.url),
-                                     skip_instance_cache=True)
+            return store.client(via)
 
         def run(name: str, read: Callable[[int, int], bytes], via: Any = proxy) -> None:
             via.reset()
@@ -190,9 +178,7 @@ def main(argv: Sequence[str] = ()) -> None:
         run("b blockcache cold", file_reader(bf), bproxy)
         read_whole(bf)
 
-        ray.init(address="local", num_cpus=2, object_store_memory=max(1 << 30, 3 * size),
-                 logging_level=logging.WARNING, include_dashboard=False)
-        stack.callback(ray.shutdown)
+        start_local_ray(stack, object_store_memory=max(1 << 30, 3 * size))
         ray_cache.start(memory_bytes=2 * size, disk_bytes=2 * size, disk_dir=os.path.join(tmp, "rc"))
         stack.callback(ray_cache.shutdown)
         rfs = CacheFileSystem(fs=reader_fs(), skip_instance_cache=True)

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _common import log, open_store, quiet_ray_data
 
 BUCKET = "ray-cache-bench"
 PREFIX = "scale"
@@ -47,11 +48,6 @@ BATCH_SIZE = 65536
 NODE = dict(num_cpus=1, num_gpus=1, object_store_memory=256 << 20)
 MEMORY_BYTES = 160 << 20  # per worker: the whole dataset fits even on one node
 DISK_BYTES = 512 << 20
-
-
-def log(msg: str) -> None:
-    """A progress line on stderr (stdout carries the report)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def write_dataset(fs: Any, files: int, rows: int) -> int:
@@ -202,11 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--files, --rows-per-file, --max-nodes and --repeats must be positive")
 
     import ray
-    import s3fs
     from ray.cluster_utils import Cluster
 
     import ray_cache
-    from ray_cache.testing import CountingProxy, S3Server
 
     rows: List[Dict[str, Any]] = []
     churn: List[Dict[str, Any]] = []
@@ -214,12 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tmp = tempfile.mkdtemp(prefix="ray_cache_scale_")
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        log("starting the S3 server and the counting proxy …")
-        server = stack.enter_context(S3Server())
-        server.create_bucket(BUCKET)
-        proxy = stack.enter_context(CountingProxy(server.endpoint_url))
-        plain_fs = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
-        proxy_fs = s3fs.S3FileSystem(**server.storage_options(proxy.url), skip_instance_cache=True)
+        store = open_store(stack, BUCKET)
+        proxy, plain_fs, proxy_fs = store.proxy, store.direct_fs, store.far_fs
         log(f"writing {total_rows:,} rows in {args.files} files …")
         parquet_bytes = write_dataset(plain_fs, args.files, args.rows_per_file)
 
@@ -230,9 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ray.init(address=cluster.address, logging_level=logging.WARNING)
         stack.callback(ray.shutdown)
         stack.callback(ray_cache.shutdown)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        quiet_ray_data(warm_up=False)
         gpu_nodes: List[Any] = []
 
         def add_nodes(k: int) -> None:

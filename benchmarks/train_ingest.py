@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shlex
@@ -66,16 +65,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _common import log, open_store, quiet_ray_data, start_local_ray
 
 BUCKET = "ray-cache-train-bench"
 PREFIX = "train"
 #: Memory tier for the cases where the data set fits (a multiple of its size).
 FIT_FACTOR = 4
-
-
-def log(msg: str) -> None:
-    """A progress line on stderr (stdout carries the report)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def write_dataset(fs: Any, samples: int, sample_bytes: int, per_file: int) -> Dict[str, int]:
@@ -258,34 +253,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("sizes, counts, --compute-ms and --rate-mb-s must be positive")
 
     import ray
-    import s3fs
 
     import ray_cache
     from ray_cache import cluster
-    from ray_cache.testing import CountingProxy, S3Server
     from ray_cache.train import prefetch
 
     tmp = tempfile.mkdtemp(prefix="ray_cache_train_bench_")
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        log("starting the S3 server and the throttling, counting proxy …")
-        server = stack.enter_context(S3Server())
-        server.create_bucket(BUCKET)
-        proxy = stack.enter_context(CountingProxy(
-            server.endpoint_url, rate_bytes_per_s=args.rate_mb_s * 1e6, latency_ms=args.latency_ms))
-        direct_fs = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
-        far_fs = s3fs.S3FileSystem(**server.storage_options(proxy.url), skip_instance_cache=True)
+        store = open_store(stack, BUCKET, args.rate_mb_s, args.latency_ms)
+        proxy, direct_fs, far_fs = store.proxy, store.direct_fs, store.far_fs
         log(f"writing {args.samples:,} samples of {args.sample_kib} KiB …")
         data = write_dataset(direct_fs, args.samples, args.sample_kib * 1024, args.samples_per_file)
-
-        log("starting Ray …")
-        # address="local": a Ray of its own, even if another one runs on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-        stack.callback(ray.shutdown)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        ray.data.range(8, override_num_blocks=4).map_batches(lambda b: b).take_all()  # warm-up
+        start_local_ray(stack)
+        quiet_ray_data()
 
         url = f"s3://{BUCKET}/{PREFIX}/"
         runner = Runner(args, proxy, data["files"])
