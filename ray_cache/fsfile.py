@@ -41,8 +41,8 @@ class CachedFile(AbstractBufferedFile):
         """Up to ``length`` bytes from the current position (to the end if negative)."""
         if self.closed:
             raise ValueError("I/O operation on closed file.")
-        lo, size = self.loc, self.size
-        hi = size if length is None or length < 0 else min(size, lo + int(length))
+        lo = self.loc
+        hi = self.size if length is None or length < 0 else min(self.size, lo + int(length))
         if hi <= lo:
             return b""
         size = self._page_size
@@ -65,6 +65,11 @@ class CachedFile(AbstractBufferedFile):
         out = self._fetch_range(lo, hi)
         self.loc += len(out)
         return out
+
+    def close(self) -> None:
+        """Close the file and let go of its page mappings."""
+        self._views.clear()
+        super().close()
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         fs: "CacheFileSystem" = self.fs

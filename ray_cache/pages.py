@@ -28,7 +28,8 @@ Where a page comes from (cheapest first)
 1. This process's buffers: an LRU of recently used pages (:class:`PageBuffers`).
    Buffers that came from the object store pin their object there, so they are bounded
    by :data:`BUFFER_BYTES` (64 MiB); buffers mapped from disk pin nothing and are bounded
-   by :data:`MAPPED_BYTES` of address space.
+   by :data:`MAPPED_BYTES` of address space. (Before even this, an open file keeps the
+   mappings of its own pages: :class:`ray_cache.fsfile.CachedFile`.)
 2. **This node's disk tier, mapped directly** (a short-circuit read, as HDFS and Alluxio
    do for local blocks): if the page's owner runs on this node, its Arrow IPC file is
    memory-mapped read-only, no actor call, no copy. The file must carry the page's key
