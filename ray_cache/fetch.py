@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import parquet, underfs
+from . import parquet, underfs, versions
 from .errors import ObjectChangedError
 from .keys import EntryKey, StoreObject
 
@@ -69,13 +69,10 @@ def check_version(fs: Any, obj: StoreObject) -> None:
 
     Called after fetching: bytes belong to the planned version only if the store still
     reports it, so a rewrite during a read is never cached or returned as the old data.
+    Concurrent checks of one object share metadata requests, each answered only by a
+    request begun after it was asked (:mod:`ray_cache.versions`).
     """
-    now = underfs.current_version(fs, obj.path)
-    if now != obj.version:
-        raise ObjectChangedError(
-            f"{obj.url} changed in the store while it was read "
-            f"(planned version {obj.version}, now {now}); read it again"
-        )
+    versions.CHECKS.check(fs, obj)
 
 
 def footer_key(obj: StoreObject) -> EntryKey:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -163,3 +165,77 @@ def test_entry_key_has_no_options_and_is_deterministic():
     k = EntryKey("s3", "b/k", "etag:1/3", "rg", 0, 1, ("a",))
     assert k.digest == EntryKey("s3", "b/k", "etag:1/3", "rg", 0, 1, ("a",)).digest
     assert k.digest != EntryKey("s3", "b/k", "etag:2/3", "rg", 0, 1, ("a",)).digest
+
+
+def _until(condition, timeout: float = 30.0) -> None:
+    """Wait for a condition another thread makes true (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        threading.Event().wait(0.005)
+
+
+def test_a_version_check_is_answered_only_by_a_request_begun_after_it():
+    from ray_cache.errors import ObjectChangedError
+    from ray_cache.keys import StoreObject
+    from ray_cache.versions import VersionChecks
+
+    obj = StoreObject("s3", "b/k", 3, "v1")
+    answers = ["v1", "v2"]  # the object is rewritten while the first request is out
+    asked, release = threading.Event(), threading.Event()
+
+    def ask(_fs, _path):
+        answer = answers.pop(0)
+        if answer == "v1":
+            asked.set()
+            assert release.wait(30)
+        return answer
+
+    checks = VersionChecks(ask=ask)
+    results = {}
+
+    def run(name):
+        try:
+            checks.check(None, obj)
+            results[name] = "ok"
+        except ObjectChangedError:
+            results[name] = "changed"
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert asked.wait(30)
+    # These fetches ended after the first request began: it must not answer them.
+    later = [threading.Thread(target=run, args=(f"later{i}",)) for i in range(5)]
+    for t in later:
+        t.start()
+    _until(lambda: checks.waiting(obj) == 5)
+    release.set()
+    for t in [first, *later]:
+        t.join(30)
+    assert results == {"first": "ok", **{f"later{i}": "changed" for i in range(5)}}
+    assert checks.requests == 2, "the five later checks shared one request"
+
+
+def test_a_failed_version_check_reaches_every_caller_of_its_round():
+    from ray_cache.keys import StoreObject
+    from ray_cache.versions import VersionChecks
+
+    def ask(_fs, path):
+        raise FileNotFoundError(2, "No such object", path)
+
+    checks = VersionChecks(ask=ask)
+    errors_seen = []
+
+    def run():
+        try:
+            checks.check(None, StoreObject("s3", "b/gone", 3, "v1"))
+        except FileNotFoundError as exc:
+            errors_seen.append(exc.filename)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors_seen == ["b/gone"] * 4
