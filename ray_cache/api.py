@@ -342,7 +342,7 @@ def _by_path(method: str, protocol: str, patterns: Sequence[str]) -> int:
 
 def _patterns(paths: PathArg, filesystem: Any, storage_options: Optional[Dict[str, Any]]):
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
-    return fs, underfs._protocol_of(fs), stripped
+    return fs, underfs.protocol_of(fs), stripped
 
 
 def unpin(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:

@@ -70,7 +70,7 @@ from .fsfile import CachedFile
 from .fsmeta import MetadataCache
 from .errors import ObjectChangedError, raise_translated
 from .keys import StoreObject
-from .underfs import _protocol_of, version_of
+from .underfs import object_of, protocol_of, refresh
 
 #: Default seconds that ``info``/``ls``/``find`` answers are reused (``metadata_ttl=``).
 METADATA_TTL_S = 5.0
@@ -170,7 +170,7 @@ class CacheFileSystem(ChainedFileSystem):
         elif not isinstance(fs, AbstractFileSystem):
             raise ValueError(f"fs must be an fsspec filesystem, got {type(fs).__name__}")
         self.page_size, self.metadata_ttl, self.buffer_bytes = page_size, float(metadata_ttl), buffer_bytes
-        self.target_protocol = _protocol_of(fs)
+        self.target_protocol = protocol_of(fs)
         self._target, self._pid = fs, os.getpid()
         self._meta = MetadataCache(self.metadata_ttl)
         self._strip_protocol: Callable[[Any], Any] = self._strip  # type: ignore[method-assign]
@@ -221,10 +221,7 @@ class CacheFileSystem(ChainedFileSystem):
     # -- metadata ----------------------------------------------------------------------
     def _ask(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
         target = self.target
-        try:
-            target.invalidate_cache(path)  # the TTL here replaces the target's own listings cache
-        except Exception:  # noqa: BLE001 - not every filesystem implements it
-            pass
+        refresh(target, path)  # the TTL here replaces the target's own listings cache
         try:
             return getattr(target, method)(path, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - one error table for every store
@@ -271,10 +268,7 @@ class CacheFileSystem(ChainedFileSystem):
     def invalidate_cache(self, path: Optional[str] = None) -> None:
         """Forget every cached metadata answer (of this filesystem and of its target)."""
         self._meta.forget()
-        try:
-            self.target.invalidate_cache(None if path is None else self._strip_protocol(path))
-        except Exception:  # noqa: BLE001 - not every filesystem implements it
-            pass
+        refresh(self.target, None if path is None else self._strip_protocol(path))
 
     def created(self, path: str) -> Any:
         return self.target.created(self._strip_protocol(path))
@@ -292,8 +286,7 @@ class CacheFileSystem(ChainedFileSystem):
         info = self.info(path)
         if info.get("type") != "file":
             raise IsADirectoryError(21, "Is a directory, not a file", path)
-        name = self.target._strip_protocol(info.get("name") or path)
-        return StoreObject(self.target_protocol, name, int(info.get("size") or 0), version_of(info)), info
+        return object_of(self.target, info, self.target_protocol, path), info
 
     def cat_file(self, path: str, start: Optional[int] = None, end: Optional[int] = None,
                  **kwargs: Any) -> bytes:

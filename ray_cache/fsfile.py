@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from fsspec.spec import AbstractBufferedFile
 
 from . import pages
-from .fetch import PageRequest, page_request
 from .keys import StoreObject
 
 if TYPE_CHECKING:  # pragma: no cover - the filesystem imports this module
@@ -27,7 +26,6 @@ class CachedFile(AbstractBufferedFile):
     def __init__(self, fs: "CacheFileSystem", path: str, obj: StoreObject, info: Dict[str, Any],
                  block_size: Optional[int] = None) -> None:
         self.obj = obj
-        self._plan: Dict[int, PageRequest] = {}
         self._page_size = fs.page_size
         # Pages of this file mapped from the node's disk tier, by index: the warm path of
         # read() slices them without asking the process's page buffers (no lock, no call).
@@ -56,12 +54,10 @@ class CachedFile(AbstractBufferedFile):
                 pages.reader().count_buffer_hits(1)
                 return view[lo - base:hi - base].tobytes()
         elif all(i in views for i in range(first, last + 1)):
-            parts = [views[i] for i in range(first, last + 1)]
-            parts[0] = parts[0][lo - first * size:]
-            parts[-1] = parts[-1][:hi - last * size]
             self.loc = hi
-            pages.reader().count_buffer_hits(len(parts))
-            return b"".join(parts)
+            pages.reader().count_buffer_hits(last + 1 - first)
+            return pages.assemble(pages.page_requests(self.obj, lo, hi, size),
+                                  [views[i] for i in range(first, last + 1)], lo, hi)
         out = self._fetch_range(lo, hi)
         self.loc += len(out)
         return out
@@ -77,11 +73,11 @@ class CachedFile(AbstractBufferedFile):
         if hi <= lo:
             return b""
         size = self._page_size
-        indexes = range(lo // size, (hi - 1) // size + 1)
-        plan = [self._page(i) for i in indexes]
+        plan = pages.page_requests(self.obj, lo, hi, size)
         reader = pages.reader()
         out = reader.read_planned(fs.target, plan, lo, hi)
-        for index, req in zip(indexes, plan):
+        for req in plan:
+            index = req.start // size
             if index not in self._views:
                 view = reader.mapped_view(req.key.digest)
                 if view is not None:
@@ -89,10 +85,3 @@ class CachedFile(AbstractBufferedFile):
                         self._views.clear()
                     self._views[index] = view
         return out
-
-    def _page(self, index: int) -> PageRequest:
-        # Each page's key (a SHA-256) is computed once per open file, not once per read.
-        req = self._plan.get(index)
-        if req is None:
-            req = self._plan[index] = page_request(self.obj, index, self.fs.page_size)
-        return req

@@ -98,7 +98,7 @@ def plan(
     for obj in others:
         pages = max(1, math.ceil(obj.size / PAGE_SIZE))
         requests.extend(fetch.page_request(obj, i, PAGE_SIZE) for i in range(pages))
-    protocol = underfs._protocol_of(fs)
+    protocol = underfs.protocol_of(fs)
     return Plan(fs, protocol, list(workers), requests, extra)
 
 

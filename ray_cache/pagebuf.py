@@ -71,7 +71,7 @@ _page_request = functools.lru_cache(maxsize=1 << 16)(fetch.page_request)
 
 
 def assemble(reqs: Sequence[PageRequest], bufs: Sequence[memoryview], start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` cut from consecutive pages (one copy)."""
+    """Bytes ``[start, end)`` cut from consecutive pages (one copy; none for no pages)."""
     parts = [buf[max(start, r.start) - r.start : min(end, r.end) - r.start] for r, buf in zip(reqs, bufs)]
     return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
@@ -166,9 +166,6 @@ class PageBuffers:
         while self.used > self.capacity and self._items:
             _digest, (_ref, buf) = self._items.popitem(last=False)
             self.used -= buf.nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass

@@ -237,25 +237,22 @@ class PageReader:
             bufs.append(buf)
         else:
             self._buffer_hits += len(bufs)  # the hot path takes no lock (see stats)
-            return assemble(plan, bufs, start, end) if plan else b""
-        got = self.read_pages(fs, plan)
-        results = [got[r.key.digest] for r in plan]
-        for res in results:
-            if isinstance(res, BaseException):
-                raise res
-        return assemble(plan, results, start, end)  # type: ignore[arg-type]
+            return assemble(plan, bufs, start, end)
+        self._buffer_hits += len(bufs)
+        rest = plan[len(bufs):]  # from the first page this process does not hold
+        got = self.read_pages(fs, rest)
+        out = _cut(plan, bufs + [got[r.key.digest] for r in rest], start, end)
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
     def read_ranges(self, fs: Any, items: Sequence[Tuple[StoreObject, int, int]],
                     page_size: int = PAGE_SIZE) -> List[Union[bytes, BaseException]]:
         """Bytes (or the exception) for each ``(obj, start, end)``, pages fetched together."""
         plans = [page_requests(obj, s, e, page_size) for obj, s, e in items]
         got = self.read_pages(fs, [r for plan in plans for r in plan])
-        out: List[Union[bytes, BaseException]] = []
-        for (_obj, s, e), plan in zip(items, plans):
-            bufs = [got[r.key.digest] for r in plan]
-            err = next((b for b in bufs if isinstance(b, BaseException)), None)
-            out.append(err if err is not None else assemble(plan, bufs, s, e) if plan else b"")
-        return out
+        return [_cut(plan, [got[r.key.digest] for r in plan], s, e)
+                for (_obj, s, e), plan in zip(items, plans)]
 
     def read_pages(self, fs: Any, reqs: Sequence[PageRequest]) -> Dict[str, PageResult]:
         """Each page's buffer (or exception) by key digest, from the cheapest source."""
@@ -412,6 +409,13 @@ class PageReader:
         else:
             self._count(fallback_pages=1)
         return buf
+
+
+def _cut(plan: Sequence[PageRequest], results: Sequence[PageResult], start: int,
+         end: int) -> Union[bytes, BaseException]:
+    """Bytes ``[start, end)`` from the pages' results, or the first page's exception."""
+    err = next((r for r in results if isinstance(r, BaseException)), None)
+    return err if err is not None else assemble(plan, results, start, end)  # type: ignore[arg-type]
 
 
 def _local_slots(workers: Sequence[WorkerRef]) -> Dict[int, str]:

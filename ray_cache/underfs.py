@@ -18,7 +18,8 @@ from .keys import StoreObject
 PathLike = Union[str, os.PathLike]
 
 
-def _protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    """The filesystem's protocol (its first, where it has several)."""
     proto = fs.protocol
     return proto[0] if isinstance(proto, (tuple, list)) else proto
 
@@ -37,7 +38,7 @@ def resolve_filesystem(
     Examples
     --------
     >>> fs, ps = resolve_filesystem(["/tmp/a.parquet"])
-    >>> _protocol_of(fs), ps
+    >>> protocol_of(fs), ps
     ('file', ['/tmp/a.parquet'])
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -105,8 +106,9 @@ def _is_file(info: Dict[str, Any]) -> bool:
     return info.get("type") == "file"
 
 
-def _refresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    # Listings cached inside an fsspec instance (s3fs's dircache) would hide rewrites.
+def refresh(fs: fsspec.AbstractFileSystem, path: Optional[str]) -> None:
+    """Forget listings ``fs`` cached for ``path`` (all, if None): s3fs's dircache and the
+    like would hide rewrites. Best effort: not every filesystem implements it."""
     try:
         fs.invalidate_cache(path)
     except Exception:  # noqa: BLE001 - best effort: not every filesystem implements it
@@ -123,10 +125,10 @@ def list_objects(
     ``ray.data.read_parquet`` does. A path that matches nothing raises
     ``FileNotFoundError`` naming it.
     """
-    protocol = _protocol_of(fs)
+    protocol = protocol_of(fs)
     out: List[StoreObject] = []
     for path in paths:
-        _refresh(fs, path)
+        refresh(fs, path)
         try:
             if any(c in path for c in "*?["):
                 infos = fs.glob(path, detail=True)
@@ -147,10 +149,15 @@ def list_objects(
             raise_translated(exc, path)
         if not found:
             raise FileNotFoundError(2, "No such file, directory or glob match", path)
-        for info in sorted(found, key=lambda i: i["name"]):
-            name = fs._strip_protocol(info["name"])
-            out.append(StoreObject(protocol, name, int(info.get("size") or 0), version_of(info)))
+        out.extend(object_of(fs, info, protocol) for info in sorted(found, key=lambda i: i["name"]))
     return out
+
+
+def object_of(fs: fsspec.AbstractFileSystem, info: Dict[str, Any], protocol: Optional[str] = None,
+              path: str = "") -> StoreObject:
+    """The object an ``info`` dict of ``fs`` describes (``path`` where it names none)."""
+    name = fs._strip_protocol(info.get("name") or path)
+    return StoreObject(protocol or protocol_of(fs), name, int(info.get("size") or 0), version_of(info))
 
 
 def _hidden(name: str, root: str) -> bool:
@@ -160,7 +167,7 @@ def _hidden(name: str, root: str) -> bool:
 
 def current_version(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Ask the store for an object's version now (one metadata request, no data)."""
-    _refresh(fs, path)
+    refresh(fs, path)
     try:
         return version_of(fs.info(path))
     except Exception as exc:  # noqa: BLE001

@@ -41,8 +41,7 @@ class _Round:
     """One metadata request and everyone it answers."""
 
     def __init__(self) -> None:
-        self.started = False
-        self.callers = 0
+        self.callers = 0  # how many it answers (seen through VersionChecks.waiting)
         self.done = threading.Event()
         self.version: Optional[str] = None
         self.error: Optional[BaseException] = None
@@ -91,19 +90,18 @@ class VersionChecks:
         lead = False
         while True:
             with self._lock:
-                if mine.started:
+                if slot.waiting is not mine:  # a round leaves "waiting" when it starts
                     break
                 if slot.running is None:
                     slot.running, slot.waiting = mine, None
-                    mine.started = lead = True
+                    lead = True
                     break
                 running = slot.running
-            if not running.done.wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"{obj.url}: no answer to a version check in {self.timeout_s:g} s")
+            self._wait(running, deadline, obj)
         if lead:
             self._run(fs, obj, key, slot, mine)
-        elif not mine.done.wait(max(0.0, deadline - time.monotonic())):
-            raise TimeoutError(f"{obj.url}: no answer to a version check in {self.timeout_s:g} s")
+        else:
+            self._wait(mine, deadline, obj)
         if mine.error is not None:
             raise mine.error
         if mine.version != obj.version:
@@ -112,8 +110,13 @@ class VersionChecks:
                 f"(planned version {obj.version}, now {mine.version}); read it again"
             )
 
+    def _wait(self, rnd: _Round, deadline: float, obj: StoreObject) -> None:
+        if not rnd.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"{obj.url}: no answer to a version check in {self.timeout_s:g} s")
+
     def waiting(self, obj: StoreObject) -> int:
-        """How many callers wait for a round of ``obj`` that has not started yet."""
+        """How many callers wait for a round of ``obj`` that has not started yet (lets a
+        test know its callers have arrived)."""
         with self._lock:
             slot = self._slots.get((obj.protocol, obj.path, obj.version))
             return slot.waiting.callers if slot is not None and slot.waiting is not None else 0
