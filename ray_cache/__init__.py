@@ -22,8 +22,7 @@ from .api import (
     status,
     unpin,
 )
-from .entries import PinCapacityError
-from .errors import CacheError, NotParquetError, ObjectChangedError
+from .errors import CacheError, NotParquetError, ObjectChangedError, PinCapacityError
 
 __version__ = "0.1.0"
 

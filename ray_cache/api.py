@@ -17,8 +17,7 @@ from . import cluster, underfs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ops import LoadJob, LoadReport
-from .entries import COUNTERS
-from .config import default_disk_dir, validate_capacity, validate_disk_dir
+from .config import COUNTERS, default_disk_dir, validate_capacity, validate_disk_dir
 
 log = logging.getLogger("ray_cache")
 
@@ -82,15 +81,18 @@ def start(
 def _workers() -> List[cluster.WorkerRef]:
     """The live workers, after starting one on any cache node that joined since."""
     _ensure_ray()
-    workers = cluster.live_workers()
+    alive = cluster.alive_nodes()
+    workers = cluster.live_workers(alive)
     if not workers:
         return start()
+    have = {w.node_id for w in workers}
+    if all(n["NodeID"] in have for n in alive):  # cache nodes are alive nodes: none missing
+        return workers
     try:
         cfg = ray.get(workers[0].handle.get_config.remote(), timeout=30)
     except Exception:  # noqa: BLE001 - that worker is going away; use what is alive
         return workers
-    have = {w.node_id for w in workers}
-    if any(n["NodeID"] not in have for n in cluster.cache_nodes(cfg["nodes"])):
+    if any(n["NodeID"] not in have for n in cluster.cache_nodes(cfg["nodes"], alive)):
         workers = cluster.ensure_workers(
             cfg["requested_memory_bytes"], cfg["requested_disk_bytes"], cfg["disk_dir"],
             nodes=cfg["nodes"], policy=cfg["policy"], resize=False,
@@ -289,15 +291,14 @@ def load(
     """
     from . import ops
 
-    if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    _check_ttl(ttl)
     p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
 
     def work(cancel=None, on_progress=None) -> "LoadReport":
         report = ops.run_load(p, progress=progress, cancel=cancel, on_progress=on_progress)
         if ttl is not None:
-            for owner, digests in report.digests.items():
-                ray.get(p.workers[owner].handle.set_ttl.remote(digests, ttl), timeout=120)
+            ray.get([p.workers[owner].handle.set_ttl.remote(digests, ttl)
+                     for owner, digests in report.digests.items()], timeout=120)
         return report
 
     return ops.LoadJob(work) if background else work()
@@ -323,8 +324,7 @@ def pin(
     """
     from . import ops
 
-    if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    _check_ttl(ttl)
     p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
     report = ops.run_load(p, progress=progress)
     if report.failures:
@@ -334,15 +334,23 @@ def pin(
     return report
 
 
-def _by_path(method: str, protocol: str, patterns: Sequence[str]) -> int:
-    """Call a by-path worker method (``free``, ``unpin``) on every live worker; sum the answers."""
+def _check_ttl(ttl: Optional[float]) -> None:
+    if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+
+
+def _by_path(method: str, paths: PathArg, filesystem: Any, storage_options: Optional[Dict[str, Any]],
+             refresh: bool = False) -> int:
+    """Call a by-path worker method (``free``, ``unpin``) with the patterns ``paths`` make on
+    every live worker; sum the answers. ``refresh`` also forgets the filesystem's listings."""
+    fs, patterns = underfs.resolve_filesystem(paths, filesystem, storage_options)
+    if refresh:
+        for p in patterns:
+            underfs.refresh(fs, p)
+    _ensure_ray()
+    protocol = underfs.protocol_of(fs)
     calls = [getattr(w.handle, method).remote(protocol, list(patterns)) for w in cluster.live_workers()]
     return sum(ray.get(calls, timeout=120))
-
-
-def _patterns(paths: PathArg, filesystem: Any, storage_options: Optional[Dict[str, Any]]):
-    fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
-    return fs, underfs.protocol_of(fs), stripped
 
 
 def unpin(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
@@ -353,9 +361,7 @@ def unpin(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[D
     >>> ray_cache.unpin("s3://bucket/eval/")  # doctest: +SKIP
     12
     """
-    _fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
-    _ensure_ray()
-    return _by_path("unpin", protocol, patterns)
+    return _by_path("unpin", paths, filesystem, storage_options)
 
 
 def free(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
@@ -368,9 +374,7 @@ def free(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Di
     >>> ray_cache.free("s3://bucket/old-epoch/")  # doctest: +SKIP
     48
     """
-    _fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
-    _ensure_ray()
-    return _by_path("free", protocol, patterns)
+    return _by_path("free", paths, filesystem, storage_options)
 
 
 def invalidate(paths: PathArg, *, filesystem: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> int:
@@ -384,14 +388,7 @@ def invalidate(paths: PathArg, *, filesystem: Any = None, storage_options: Optio
     >>> ray_cache.invalidate("s3://bucket/daily/2026-11-28/")  # doctest: +SKIP
     16
     """
-    fs, protocol, patterns = _patterns(paths, filesystem, storage_options)
-    for p in patterns:
-        try:
-            fs.invalidate_cache(p)
-        except Exception:  # noqa: BLE001 - not every filesystem keeps a listing cache
-            pass
-    _ensure_ray()
-    return _by_path("free", protocol, patterns)
+    return _by_path("free", paths, filesystem, storage_options, refresh=True)
 
 
 def configure(*, memory_bytes: Optional[int] = None, disk_bytes: Optional[int] = None) -> None:

@@ -15,7 +15,6 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import MEMORY_FRACTION, NAMESPACE, WorkerConfig
-from .worker import CacheWorker
 
 log = logging.getLogger("ray_cache.cluster")
 
@@ -36,14 +35,19 @@ def worker_name(node_id: str) -> str:
     return f"worker-{node_id}"
 
 
-def cache_nodes(nodes: str = "auto") -> List[Dict[str, Any]]:
-    """Alive nodes that should hold a worker.
+def alive_nodes() -> List[Dict[str, Any]]:
+    """The cluster's alive nodes (one request to Ray's GCS)."""
+    return [n for n in ray.nodes() if n.get("Alive") or n.get("alive")]
+
+
+def cache_nodes(nodes: str = "auto", alive: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Alive nodes that should hold a worker (``alive``: :func:`alive_nodes`, if known).
 
     ``"auto"``: nodes with GPUs, or every node when none has one; ``"all"``; ``"gpu"``;
     ``"resource:NAME"``: nodes offering custom resource NAME; ``"label:KEY=VALUE"``: nodes
     with that Ray node label.
     """
-    alive = [n for n in ray.nodes() if n.get("Alive") or n.get("alive")]
+    alive = alive_nodes() if alive is None else alive
     if nodes == "all":
         return alive
     if nodes.startswith("label:") and "=" in nodes:
@@ -63,6 +67,8 @@ def cache_nodes(nodes: str = "auto") -> List[Dict[str, Any]]:
 
 
 def _actor_class():
+    from .worker import CacheWorker  # the worker stack (pyarrow...) only where workers start
+
     return ray.remote(CacheWorker)
 
 
@@ -119,15 +125,16 @@ def ensure_workers(
     return refs
 
 
-def live_workers() -> List[WorkerRef]:
-    """Workers on alive nodes, found by name (no process-local registry)."""
+def live_workers(alive: Optional[List[Dict[str, Any]]] = None) -> List[WorkerRef]:
+    """Workers on alive nodes (``alive``: :func:`alive_nodes`, if known), found by name
+    (no process-local registry)."""
     out = []
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive") or n.get("alive")}
+    alive_ids = {n["NodeID"] for n in (alive_nodes() if alive is None else alive)}
     for info in ray.util.list_named_actors(all_namespaces=True):
         if info.get("namespace") != NAMESPACE or not info["name"].startswith("worker-"):
             continue
         node_id = info["name"][len("worker-") :]
-        if node_id not in alive:
+        if node_id not in alive_ids:
             continue
         try:
             handle = ray.get_actor(info["name"], namespace=NAMESPACE)

@@ -106,3 +106,12 @@ def default_disk_bytes(path: str) -> int:
     """A quarter of the free space under ``path``, capped at 64 GiB, at least 64 MiB."""
     free = shutil.disk_usage(path).free
     return max(64 * 1024**2, min(int(free * DISK_FRACTION), DISK_DEFAULT_CAP))
+
+
+#: Each worker's counters (``ray_cache.stats()`` sums them over the workers).
+COUNTERS = (
+    "hits", "misses", "memory_hits", "disk_hits", "bytes_from_cache", "bytes_from_memory",
+    "bytes_from_disk", "bytes_from_under_store", "requests_to_under_store",
+    "single_flight_waits", "disk_write_errors", "errors", "fallbacks", "fallback_bytes",
+    "bytes_served_local", "bytes_served_remote", "expired", "loaded_entries",
+)

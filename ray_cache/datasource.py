@@ -8,6 +8,7 @@ rows keep their order within a file and files keep the listed order.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, List, Optional, Sequence
 
 import pyarrow as pa
@@ -111,18 +112,11 @@ class CachedParquetDatasource(Datasource):
             )
             tasks.append(
                 ReadTask(
-                    _reader(self._fs, chunk, self._workers),
+                    # Keys keep the caller's column order: tables come out as asked.
+                    functools.partial(client.read_units, self._fs, chunk, self._workers),
                     meta,
                     schema=self._schema,
                     per_task_row_limit=per_task_row_limit,
                 )
             )
         return tasks
-
-
-def _reader(fs: Any, chunk: List[UnitRequest], workers: List[WorkerRef]):
-    # Keys keep the caller's column order, so tables come out as asked: nothing to reorder.
-    def read() -> Any:
-        yield from client.read_units(fs, chunk, workers)
-
-    return read

@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import pyarrow as pa
 import ray
 
-from .config import WorkerConfig
+from .config import COUNTERS, WorkerConfig  # noqa: F401 - COUNTERS: ray_cache.entries.COUNTERS
+from .errors import PinCapacityError  # noqa: F401 - also ray_cache.entries.PinCapacityError
 from .keys import EntryKey
 from .tiers.disk import DiskTier
 from .tiers.memory import MemoryTier
@@ -33,16 +34,6 @@ log = logging.getLogger("ray_cache.entries")
 #: ``(ref, nbytes, tier)``: where a caller finds an entry and which tier served it.
 Served = Tuple[ray.ObjectRef, int, str]
 
-COUNTERS = (
-    "hits", "misses", "memory_hits", "disk_hits", "bytes_from_cache", "bytes_from_memory",
-    "bytes_from_disk", "bytes_from_under_store", "requests_to_under_store",
-    "single_flight_waits", "disk_write_errors", "errors", "fallbacks", "fallback_bytes",
-    "bytes_served_local", "bytes_served_remote", "expired", "loaded_entries",
-)
-
-
-class PinCapacityError(ValueError):
-    """Pinning would need more room than a tier has beside what is already pinned."""
 
 
 def matches(path: str, pattern: str) -> bool:

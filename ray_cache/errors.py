@@ -28,6 +28,10 @@ class WorkerUnavailableError(CacheError, RuntimeError):
     """A cache worker could not be reached in time (the caller falls back to the store)."""
 
 
+class PinCapacityError(ValueError):
+    """Pinning would need more room than a tier has beside what is already pinned."""
+
+
 #: Error codes and exception class names from s3fs/botocore, gcsfs, adlfs/azure-core and
 #: HTTP statuses, mapped to the Python exception a caller should see.
 ERROR_TABLE: Dict[str, Type[OSError]] = {

@@ -20,8 +20,7 @@ import ray
 from . import client, cluster, fetch, hashing, underfs
 from .config import PAGE_SIZE
 from .datasource import CachedParquetDatasource
-from .entries import PinCapacityError
-from .keys import StoreObject
+from .errors import PinCapacityError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 #: Requests sent to a worker in one call; a cancelled load stops between batches.
@@ -63,7 +62,6 @@ class LoadReport:
 @dataclass
 class Plan:
     fs: Any
-    protocol: str
     workers: List[cluster.WorkerRef]
     requests: List[Any]
     extra_digests: List[Tuple[int, str]]  # footers: (owner, digest)
@@ -75,15 +73,13 @@ def plan(
     columns: Optional[Sequence[str]] = None,
     filesystem: Any = None,
     storage_options: Optional[Dict[str, Any]] = None,
-    workers: Optional[List[cluster.WorkerRef]] = None,
 ) -> Plan:
     """Resolve ``paths`` into the cache requests a load (or pin) consists of."""
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
     objects = underfs.list_objects(fs, stripped)
-    if workers is None:
-        from .api import _workers
+    from .api import _workers
 
-        workers = _workers()
+    workers = _workers()
     names = [w.name for w in workers]
     parquet_objs = [o for o in objects if o.path.endswith(PARQUET_SUFFIXES)]
     others = [o for o in objects if not o.path.endswith(PARQUET_SUFFIXES)]
@@ -98,8 +94,7 @@ def plan(
     for obj in others:
         pages = max(1, math.ceil(obj.size / PAGE_SIZE))
         requests.extend(fetch.page_request(obj, i, PAGE_SIZE) for i in range(pages))
-    protocol = underfs.protocol_of(fs)
-    return Plan(fs, protocol, list(workers), requests, extra)
+    return Plan(fs, list(workers), requests, extra)
 
 
 def _interactive() -> bool:
@@ -161,7 +156,54 @@ def run_load(p: Plan, *, progress: Optional[bool] = None, cancel: Optional[threa
     return report
 
 
-class LoadJob:
+class BackgroundJob:
+    """Work running on a daemon thread: ``done``, ``cancel()``, ``wait()`` for its result.
+
+    Subclasses implement :meth:`_work` (which should look at ``self._cancel`` between
+    steps) and say what they are in ``_what`` and :attr:`progress`.
+    """
+
+    _what = "job"
+
+    def __init__(self, thread_name: str) -> None:
+        self._cancel = threading.Event()
+        self._result: Any = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._main, daemon=True, name=thread_name)
+
+    def _work(self) -> Any:
+        raise NotImplementedError
+
+    def _main(self) -> None:
+        try:
+            self._result = self._work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
+            self._error = exc
+
+    @property
+    def progress(self) -> Tuple[int, int]:
+        """``(done, total)``."""
+        raise NotImplementedError
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        """Stop after the steps in flight; what was loaded stays cached."""
+        self._cancel.set()
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        """The result once the job has ended (``TimeoutError`` if not within ``timeout``)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"{self._what} still running after {timeout} s (progress {self.progress})")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class LoadJob(BackgroundJob):
     """A load running in the background: ``wait()`` for its report, or ``cancel()`` it.
 
     Examples
@@ -173,40 +215,28 @@ class LoadJob:
     48
     """
 
+    _what = "load"
+
     def __init__(self, work: Callable[[threading.Event, Callable[[int, int], None]], LoadReport]) -> None:
-        self._cancel = threading.Event()
-        self._report: Optional[LoadReport] = None
-        self._error: Optional[BaseException] = None
-        self.progress: Tuple[int, int] = (0, 0)
-        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True, name="ray-cache-load")
+        super().__init__("ray-cache-load")
+        self._load = work
+        self._progress: Tuple[int, int] = (0, 0)
         self._thread.start()
 
-    def _run(self, work) -> None:
-        try:
-            self._report = work(self._cancel, self._set_progress)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
-            self._error = exc
+    def _work(self) -> LoadReport:
+        return self._load(self._cancel, self._set_progress)
 
     def _set_progress(self, done: int, total: int) -> None:
-        self.progress = (done, total)
+        self._progress = (done, total)
 
     @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def cancel(self) -> None:
-        """Stop after the batches in flight; what was loaded stays cached."""
-        self._cancel.set()
+    def progress(self) -> Tuple[int, int]:
+        """``(entries done, entries planned)``."""
+        return self._progress
 
     def wait(self, timeout: Optional[float] = None) -> LoadReport:
         """The report, once the load has ended (``TimeoutError`` if not within ``timeout``)."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"load still running after {timeout} s (progress {self.progress})")
-        if self._error is not None:
-            raise self._error
-        assert self._report is not None
-        return self._report
+        return super().wait(timeout)
 
 
 def pin_loaded(report: LoadReport, workers: List[cluster.WorkerRef], ttl_s: Optional[float]) -> None:
@@ -228,4 +258,4 @@ def pin_loaded(report: LoadReport, workers: List[cluster.WorkerRef], ttl_s: Opti
         raise
 
 
-__all__ = ["LoadReport", "LoadJob", "plan", "run_load", "pin_loaded", "StoreObject"]
+__all__ = ["LoadReport", "BackgroundJob", "LoadJob", "plan", "run_load", "pin_loaded"]

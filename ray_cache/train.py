@@ -70,22 +70,22 @@ class PrefetchReport:
     cancelled: bool = False
 
 
-class Prefetch:
+class Prefetch(ops.BackgroundJob):
     """A prefetch running in the background; see :func:`prefetch`.
 
     Thread-safe: ``progress``, ``done``, ``cancel`` and ``wait`` may be called from any
     thread while it runs.
     """
 
+    _what = "prefetch"
+
     def __init__(self, plan: "ops.Plan", units: Sequence[UnitRequest], skipped: int, ahead: int) -> None:
+        super().__init__("ray-cache-prefetch")
         self._plan = plan
         self._units = list(units)
         self._ahead = ahead
-        self._cancel = threading.Event()
         self._lock = threading.Lock()
         self.report = PrefetchReport(units=len(units) + skipped, skipped=skipped)
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="ray-cache-prefetch")
         self._start = time.perf_counter()
         self._thread.start()
 
@@ -96,36 +96,22 @@ class Prefetch:
             r = self.report
             return r.fetched + r.already_cached + len(r.failures), len(self._units)
 
-    @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def cancel(self) -> None:
-        """Stop after the units in flight; what was fetched stays cached."""
-        self._cancel.set()
-
     def wait(self, timeout: Optional[float] = None) -> PrefetchReport:
         """The report once the prefetch has ended (``TimeoutError`` if not within ``timeout``)."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"prefetch still running after {timeout} s ({self.progress})")
-        if self._error is not None:
-            raise self._error
-        return self.report
+        return super().wait(timeout)
 
-    def _run(self) -> None:
+    def _work(self) -> PrefetchReport:
         try:
             names = [w.name for w in self._plan.workers]
             with ThreadPoolExecutor(self._ahead, thread_name_prefix="ray-cache-prefetch") as pool:
                 # The pool takes tasks in submission order: read order, ``ahead`` in flight.
                 for req in self._units:
                     pool.submit(self._one, req, hashing.owner(req.key.digest, names))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
-            self._error = exc
         finally:
             with self._lock:
                 self.report.cancelled = self._cancel.is_set()
                 self.report.seconds = time.perf_counter() - self._start
+        return self.report
 
     def _one(self, req: UnitRequest, owner: int) -> None:
         if self._cancel.is_set():

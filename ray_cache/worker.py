@@ -174,8 +174,8 @@ class CacheWorker:
 
     def _footer(self, fs: Any, obj: StoreObject) -> bytes:
         key = fetch.footer_key(obj)
-        count = self._count_store
-        ref, _n, _tier = self.cache.get_or_load(key, lambda: _bytes_table(fetch.read_footer(fs, obj, count)))
+        ref, _n, _tier = self.cache.get_or_load(
+            key, lambda: _bytes_table(fetch.read_footer(fs, obj, self._count_store)))
         return ray.get(ref).column(0)[0].as_py()
 
     def get_many(self, fs: Any, requests: Sequence[Request]) -> Iterator[Tuple]:

@@ -41,6 +41,12 @@ def gpu_nodes(ray_cluster):
             ray_cluster.remove_node(node)
 
 
+def _fresh_cache(tmp_path):
+    """New workers on every cache node, empty tiers under ``tmp_path``."""
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+
+
 def _gpu_node_ids():
     return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
 
@@ -57,8 +63,7 @@ def _fetched_bytes(proxy):
 
 def test_workers_go_to_gpu_nodes_and_new_nodes_join(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
     add, _ = gpu_nodes
-    ray_cache.shutdown()
-    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    _fresh_cache(tmp_path)
     assert {w["node_id"] for w in ray_cache.status().workers} == _gpu_node_ids()
     head = ray.get_runtime_context().get_node_id()
     assert head not in {w["node_id"] for w in ray_cache.status().workers}
@@ -77,8 +82,7 @@ def test_workers_go_to_gpu_nodes_and_new_nodes_join(gpu_nodes, tmp_path, s3fs_di
 
 
 def test_warm_cluster_read_sends_no_data_request(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
-    ray_cache.shutdown()
-    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    _fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=6, rows=10_000, rg_rows=10_000)
     want = _expected(s3fs_direct, paths)
     assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)).equals(want)
@@ -93,8 +97,7 @@ def test_warm_cluster_read_sends_no_data_request(gpu_nodes, tmp_path, s3fs_direc
 
 def test_join_refetches_at_most_its_share(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     add, _ = gpu_nodes
-    ray_cache.shutdown()
-    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    _fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=24, rows=4_000, rg_rows=4_000)
     url = f"s3://{prefix}/"
     proxy.reset()
@@ -111,8 +114,7 @@ def test_join_refetches_at_most_its_share(gpu_nodes, tmp_path, s3fs_direct, s3fs
 
 def test_leave_refetches_at_most_what_the_node_held(gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     _, added = gpu_nodes
-    ray_cache.shutdown()
-    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    _fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=12, rows=4_000, rg_rows=4_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
@@ -129,8 +131,7 @@ def test_leave_refetches_at_most_what_the_node_held(gpu_nodes, ray_cluster, tmp_
 
 def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, prefix):
     _, added = gpu_nodes
-    ray_cache.shutdown()
-    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    _fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=12, rows=4_000, rg_rows=2_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))  # warm the cache
@@ -147,8 +148,7 @@ def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(gpu_nodes, ray_c
 
 
 def test_killed_worker_mid_read_falls_back_counted(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
-    ray_cache.shutdown()
-    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+    _fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=8, rows=4_000, rg_rows=4_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))

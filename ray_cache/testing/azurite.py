@@ -13,12 +13,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
-from .s3server import ManagedProcess, free_port
+from .s3server import ManagedProcess
 
 __all__ = ["AzuriteServer", "ensure_azurite", "AZURITE_VERSION", "ACCOUNT"]
 
@@ -26,7 +24,6 @@ AZURITE_VERSION = "3.37.0"
 ACCOUNT = "devstoreaccount1"
 # The emulator's fixed, publicly documented development key (not a secret).
 _DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _default_dir() -> Path:
@@ -88,12 +85,12 @@ class AzuriteServer(ManagedProcess):
     ...     fs = adlfs.AzureBlobFileSystem(**az.storage_options())
     """
 
+    _probe_path = f"/{ACCOUNT}?comp=list"
+
     def __init__(self, port: Optional[int] = None, install_dir: Optional[os.PathLike] = None,
                  start_timeout: float = 60.0) -> None:
-        self.port = port if port is not None else free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        super().__init__(port, start_timeout)
         self.install_dir = install_dir
-        self.start_timeout = start_timeout
         self._location: Optional[str] = None
 
     def start(self) -> "AzuriteServer":
@@ -114,16 +111,6 @@ class AzuriteServer(ManagedProcess):
         if self._location:
             shutil.rmtree(self._location, ignore_errors=True)
             self._location = None
-
-    def _answers_http(self) -> bool:
-        try:
-            with _OPENER.open(f"{self.endpoint_url}/{ACCOUNT}?comp=list", timeout=1.0) as resp:
-                resp.read()
-            return True
-        except urllib.error.HTTPError:
-            return True  # any HTTP status means the server is up
-        except (OSError, ValueError):
-            return False
 
     def connection_string(self, endpoint_url: Optional[str] = None) -> str:
         """The development account's connection string, for this server or a proxy before it."""

@@ -15,13 +15,11 @@ import urllib.error
 import urllib.request
 from typing import Any, Optional
 
-from .s3server import ManagedProcess, find_executable, free_port
+from .s3server import OPENER, ManagedProcess, find_executable
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 __all__ = ["GCSServer"]
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _find_emulator() -> str:
@@ -38,10 +36,10 @@ class GCSServer(ManagedProcess):
     ...     fs = gcsfs.GCSFileSystem(**gcs.storage_options())
     """
 
+    _probe_path = "/storage/v1/b"
+
     def __init__(self, port: Optional[int] = None, start_timeout: float = 60.0) -> None:
-        self.port = port if port is not None else free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self.start_timeout = start_timeout
+        super().__init__(port, start_timeout)
 
     def start(self) -> "GCSServer":
         """Start the emulator and wait until it answers HTTP."""
@@ -51,16 +49,6 @@ class GCSServer(ManagedProcess):
         proc = self._spawn(cmd, "gcs_emulator_", stdin=subprocess.DEVNULL)
         self._wait_until_up(proc, "gcp-storage-emulator", interval=0.1)
         return self
-
-    def _answers_http(self) -> bool:
-        try:
-            with _OPENER.open(f"{self.endpoint_url}/storage/v1/b", timeout=1.0) as resp:
-                resp.read()
-            return True
-        except urllib.error.HTTPError:
-            return True
-        except (OSError, ValueError):
-            return False
 
     def storage_options(self, endpoint_url: Optional[str] = None) -> dict[str, Any]:
         """gcsfs options for this server (or a proxy before it): anonymous, no credentials."""
@@ -73,5 +61,5 @@ class GCSServer(ManagedProcess):
             data=json.dumps({"name": name}).encode(), method="POST",
             headers={"Content-Type": "application/json"},
         )
-        with _OPENER.open(req, timeout=30) as resp:
+        with OPENER.open(req, timeout=30) as resp:
             resp.read()

@@ -29,7 +29,7 @@ FAKE_SECRET = "testing"
 REGION = "us-east-1"
 
 # urllib must never go through an HTTP proxy from the environment for loopback.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -70,11 +70,19 @@ class ManagedProcess:
 
     Subclasses implement :meth:`start` with :meth:`_spawn`; output goes to a
     temporary log file (never a pipe that could fill up and block the child),
-    whose tail :meth:`_log_tail` returns for error messages.
+    whose tail :meth:`_log_tail` returns for error messages. The server is up once
+    ``endpoint_url + _probe_path`` gets any HTTP answer.
     """
 
     _proc: "subprocess.Popen[bytes] | None" = None
     log_path: str | None = None
+    #: What :meth:`_answers_http` asks for.
+    _probe_path = "/"
+
+    def __init__(self, port: int | None, start_timeout: float) -> None:
+        self.port: int = port if port is not None else free_port()
+        self.endpoint_url: str = f"http://127.0.0.1:{self.port}"
+        self.start_timeout = start_timeout
 
     @property
     def pid(self) -> int | None:
@@ -114,7 +122,15 @@ class ManagedProcess:
             time.sleep(interval)  # polling interval, bounded by the deadline
 
     def _answers_http(self) -> bool:
-        raise NotImplementedError
+        """Whether a request to the server gets any HTTP response."""
+        try:
+            with OPENER.open(self.endpoint_url + self._probe_path, timeout=1.0) as resp:
+                resp.read()
+            return True
+        except urllib.error.HTTPError:
+            return True  # any HTTP status means the server is up
+        except (OSError, ValueError):
+            return False
 
     def start(self) -> Any:
         """Start the server; implemented by subclasses."""
@@ -174,10 +190,8 @@ class S3Server(ManagedProcess):
 
     def __init__(self, port: int | None = None, start_timeout: float = 30.0,
                  env: dict[str, str] | None = None) -> None:
+        super().__init__(port, start_timeout)
         self.env = env
-        self.port: int = port if port is not None else free_port()
-        self.endpoint_url: str = f"http://127.0.0.1:{self.port}"
-        self.start_timeout = start_timeout
 
     def start(self) -> "S3Server":
         """Start the server and wait until it answers HTTP.
@@ -200,17 +214,6 @@ class S3Server(ManagedProcess):
         proc = self._spawn(cmd, "moto_server_", stdin=subprocess.DEVNULL, env=env)
         self._wait_until_up(proc, "moto_server")
         return self
-
-    def _answers_http(self) -> bool:
-        """Whether an HTTP request to the server gets any HTTP response."""
-        try:
-            with _OPENER.open(self.endpoint_url + "/", timeout=1.0) as resp:
-                resp.read()
-            return True
-        except urllib.error.HTTPError:
-            return True  # any HTTP status means the server is up
-        except (OSError, ValueError):
-            return False
 
     def storage_options(self, endpoint_url: str | None = None) -> dict[str, Any]:
         """Return s3fs storage options for this server (or a proxy before it).
