@@ -16,7 +16,7 @@ in ``[--min-kb, --max-kb]``) through each case, timing every read:
 (d) ``raycache`` cold: fresh cache workers, ``open`` once, then ``seek``/``read``;
 (e) ``raycache`` warm: the same, after the whole object was read through it once (the
     object is 4x this process's 64 MiB of object-store page buffers: other pages are
-    mapped from this node's disk tier, see ``ray_cache.pages``).
+    mapped from this node's disk tier, see ``ray_cache.files.pages``).
 
 The warm cases (c) and (e) are timed read by read in turn (which of the two goes first
 alternates), so both see the same machine noise and the same state of the allocator
@@ -134,8 +134,8 @@ def main(argv: Sequence[str] = ()) -> None:
     import s3fs
 
     import ray_cache
-    from ray_cache import pages
-    from ray_cache.fs import CacheFileSystem
+    from ray_cache.files import pages
+    from ray_cache.files.fs import CacheFileSystem
     from ray_cache.testing import s3_data_gets
 
     size = args.size_mb * 1_000_000

@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import fsspec
 
     import ray_cache
-    from ray_cache.fs import CacheFileSystem
+    from ray_cache.files.fs import CacheFileSystem
 
     size = args.size_mb * 1_000_000
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:

@@ -255,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import ray
 
     import ray_cache
-    from ray_cache import cluster
+    from ray_cache.cluster import membership
     from ray_cache.train import prefetch
 
     tmp = tempfile.mkdtemp(prefix="ray_cache_train_bench_")
@@ -275,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def fresh_cache(memory_bytes: int, disk_bytes: int, policy: str = "lru") -> None:
             ray_cache.shutdown()
             shutil.rmtree(cache_dir, ignore_errors=True)
-            cluster.ensure_workers(memory_bytes, disk_bytes, cache_dir, policy=policy)
+            membership.ensure_workers(memory_bytes, disk_bytes, cache_dir, policy=policy)
 
         stack.callback(ray_cache.shutdown)
         big = FIT_FACTOR * data["arrow_bytes"]

@@ -16,7 +16,7 @@ What it shows, in the order a training script does it:
 1. **Start the cache** on the training nodes, with an eviction policy. ``lru`` (the
    default) when the data set fits in the cache; ``tinylfu`` when it does not: then
    every epoch is served a stable part from the cache instead of LRU missing
-   everything (see ``ray_cache.tiers.policy``).
+   everything (see ``ray_cache.node.tiers.policy``).
 2. **Read** with ``ray_cache.read_parquet``: a ``ray.data.Dataset`` like any other. On a
    cold cache, ``ray_cache.train.prefetch`` fetches the units in read order in the
    background so the first epoch keeps the link busy. On a warm cache the read returns

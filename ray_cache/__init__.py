@@ -8,7 +8,7 @@ Examples
 0
 """
 
-from .api import (
+from ray_cache.api import (
     CacheStatus,
     configure,
     free,
@@ -22,7 +22,7 @@ from .api import (
     status,
     unpin,
 )
-from .errors import CacheError, NotParquetError, ObjectChangedError, PinCapacityError
+from ray_cache.store.errors import CacheError, NotParquetError, ObjectChangedError, PinCapacityError
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """The public functions: reading, starting and stopping, looking, and steering the cache.
 
 Thin on purpose: each resolves its inputs, finds the workers through
-:mod:`ray_cache.cluster` and hands the work to the layer below.
+:mod:`ray_cache.cluster.membership` and hands the work to the layer below.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import ray
 
-from . import cluster, underfs
+from ray_cache.cluster import membership
+from ray_cache.cluster.membership import ensure_ray as _ensure_ray, workers as _workers
+from ray_cache.store import underfs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .ops import LoadJob, LoadReport
-from .config import COUNTERS, default_disk_dir, validate_capacity, validate_disk_dir
+    from ray_cache.steering.ops import LoadJob, LoadReport
+from ray_cache.config import COUNTERS, validate_capacity
 
 log = logging.getLogger("ray_cache")
 
@@ -27,12 +29,6 @@ PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 STAT_FIELDS = COUNTERS + ("evictions", "memory_evictions", "disk_evictions")
 
 
-def _ensure_ray() -> None:
-    if not ray.is_initialized():
-        # No dashboard: nothing should listen on a port the user did not ask for.
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
-
-
 def start(
     *,
     memory_bytes: Optional[int] = None,
@@ -40,7 +36,7 @@ def start(
     disk_dir: Optional[str] = None,
     nodes: str = "auto",
     policy: str = "lru",
-) -> List[cluster.WorkerRef]:
+) -> List[membership.WorkerRef]:
     """Start (or attach to) one cache worker per cache node.
 
     Call it again to add workers on nodes that joined; running workers keep their
@@ -58,7 +54,7 @@ def start(
         ``"auto"`` (GPU nodes, or all nodes when none has a GPU), ``"all"``, ``"gpu"``,
         ``"resource:NAME"`` or ``"label:KEY=VALUE"``.
     policy : str
-        Eviction policy of both tiers (``ray_cache.tiers.policy.POLICIES``): ``"lru"``
+        Eviction policy of both tiers (``ray_cache.node.tiers.policy.POLICIES``): ``"lru"``
         (default) when the working set fits; ``"tinylfu"`` for data sets larger than the
         cache read in repeated epochs (keeps a stable subset instead of churning). Applies
         to workers this call starts; running workers keep theirs.
@@ -68,36 +64,8 @@ def start(
     >>> import ray_cache
     >>> workers = ray_cache.start(memory_bytes=2 << 30, disk_bytes=20 << 30)  # doctest: +SKIP
     """
-    from .tiers.policy import make_policy
-
-    memory_bytes = validate_capacity("memory_bytes", memory_bytes)
-    disk_bytes = validate_capacity("disk_bytes", disk_bytes)
-    make_policy(policy)  # ValueError naming the known policies, before any worker starts
-    root = validate_disk_dir(disk_dir or default_disk_dir())
-    _ensure_ray()
-    return cluster.ensure_workers(memory_bytes, disk_bytes, root, nodes=nodes, policy=policy)
-
-
-def _workers() -> List[cluster.WorkerRef]:
-    """The live workers, after starting one on any cache node that joined since."""
-    _ensure_ray()
-    alive = cluster.alive_nodes()
-    workers = cluster.live_workers(alive)
-    if not workers:
-        return start()
-    have = {w.node_id for w in workers}
-    if all(n["NodeID"] in have for n in alive):  # cache nodes are alive nodes: none missing
-        return workers
-    try:
-        cfg = ray.get(workers[0].handle.get_config.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - that worker is going away; use what is alive
-        return workers
-    if any(n["NodeID"] not in have for n in cluster.cache_nodes(cfg["nodes"], alive)):
-        workers = cluster.ensure_workers(
-            cfg["requested_memory_bytes"], cfg["requested_disk_bytes"], cfg["disk_dir"],
-            nodes=cfg["nodes"], policy=cfg["policy"], resize=False,
-        )
-    return workers
+    return membership.start(memory_bytes=memory_bytes, disk_bytes=disk_bytes, disk_dir=disk_dir,
+                         nodes=nodes, policy=policy)
 
 
 def shutdown() -> int:
@@ -113,7 +81,7 @@ def shutdown() -> int:
     """
     if not ray.is_initialized():
         return 0
-    return cluster.stop_workers()
+    return membership.stop_workers()
 
 
 def read_parquet(
@@ -143,7 +111,7 @@ def read_parquet(
         Number of read tasks (default: Ray Data's choice, at most one per cache unit).
     zero_copy : bool or "auto"
         When every unit is already in memory, return a dataset over the cached objects
-        themselves (in-memory speed; see :mod:`ray_cache.fastpath` for the trade-off).
+        themselves (in-memory speed; see :mod:`ray_cache.readers.fastpath` for the trade-off).
         ``False`` always plans read tasks, which fall back to the store if a worker or
         its node dies mid-read. ``"auto"`` (default): zero-copy when every worker of the
         read runs on this driver's node (a node loss there ends the driver anyway),
@@ -170,8 +138,8 @@ def read_parquet(
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
     objects = underfs.list_objects(fs, stripped, suffixes=(".parquet", ".parq"))
     workers = _workers()
-    from . import fastpath
-    from .datasource import CachedParquetDatasource  # imports Ray Data: only when reading
+    from ray_cache.readers import fastpath
+    from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
 
     if zero_copy not in (True, False, "auto"):
         raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
@@ -218,12 +186,12 @@ class CacheStatus:
     workers: List[Dict[str, Any]] = field(default_factory=list)
 
     def _repr_html_(self) -> str:
-        from .display import status_html
+        from ray_cache.display import status_html
 
         return status_html(self)
 
     def __repr__(self) -> str:
-        from .display import status_text
+        from ray_cache.display import status_text
 
         return status_text(self)
 
@@ -239,7 +207,7 @@ def status(timeout: float = 10.0) -> CacheStatus:
     """
     if not ray.is_initialized():
         return CacheStatus([])
-    workers = cluster.live_workers()
+    workers = membership.live_workers()
     calls = [w.handle.status.remote() for w in workers]
     records = []
     for w, call in zip(workers, calls):
@@ -274,7 +242,7 @@ def load(
     ttl : float, optional
         Seconds after which the loaded entries expire.
     background : bool
-        Return a :class:`~ray_cache.ops.LoadJob` at once (``wait()``, ``cancel()``,
+        Return a :class:`~ray_cache.steering.ops.LoadJob` at once (``wait()``, ``cancel()``,
         ``progress``) instead of the report.
     progress : bool, optional
         Show a progress bar (default: when interactive).
@@ -289,7 +257,7 @@ def load(
     >>> report.fetched, report.already_cached, report.failures  # doctest: +SKIP
     (32, 0, [])
     """
-    from . import ops
+    from ray_cache.steering import ops
 
     _check_ttl(ttl)
     p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
@@ -322,7 +290,7 @@ def pin(
     --------
     >>> ray_cache.pin("s3://bucket/eval/")  # doctest: +SKIP
     """
-    from . import ops
+    from ray_cache.steering import ops
 
     _check_ttl(ttl)
     p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
@@ -349,7 +317,7 @@ def _by_path(method: str, paths: PathArg, filesystem: Any, storage_options: Opti
             underfs.refresh(fs, p)
     _ensure_ray()
     protocol = underfs.protocol_of(fs)
-    calls = [getattr(w.handle, method).remote(protocol, list(patterns)) for w in cluster.live_workers()]
+    calls = [getattr(w.handle, method).remote(protocol, list(patterns)) for w in membership.live_workers()]
     return sum(ray.get(calls, timeout=120))
 
 
@@ -401,4 +369,4 @@ def configure(*, memory_bytes: Optional[int] = None, disk_bytes: Optional[int] =
     memory_bytes = validate_capacity("memory_bytes", memory_bytes)
     disk_bytes = validate_capacity("disk_bytes", disk_bytes)
     _ensure_ray()
-    ray.get([w.handle.configure.remote(memory_bytes, disk_bytes) for w in cluster.live_workers()], timeout=120)
+    ray.get([w.handle.configure.remote(memory_bytes, disk_bytes) for w in membership.live_workers()], timeout=120)

@@ -21,7 +21,7 @@ DISK_FRACTION = 0.25
 DISK_DEFAULT_CAP = 64 * 1024**3
 #: A run of row groups is grouped into one entry up to this many uncompressed bytes.
 UNIT_TARGET_BYTES = 64 * 1024**2
-#: Size of a page of a raw object on the fsspec path (see ray_cache.fs for why).
+#: Size of a page of a raw object on the fsspec path (see ray_cache.files.fs for why).
 PAGE_SIZE = 4 * 1024**2
 #: Seconds a caller waits on a worker before treating it as gone and reading the store.
 WORKER_TIMEOUT_S = 120.0
@@ -49,7 +49,7 @@ class WorkerConfig:
     disk_dir : str
         Root directory of the disk tier; each worker claims its own ``slot-N`` below it.
     policy : str
-        Name of the eviction policy (see ``ray_cache.tiers.policy.POLICIES``).
+        Name of the eviction policy (see ``ray_cache.node.tiers.policy.POLICIES``).
     nodes : str
         The node selector the cache was started with (new nodes are chosen alike).
     requested_memory_bytes, requested_disk_bytes : int or None

@@ -11,8 +11,8 @@ import pytest
 import ray
 
 import ray_cache
-from ray_cache import client, cluster
-from ray_cache.datasource import CachedParquetDatasource
+from ray_cache.cluster import routing, membership
+from ray_cache.readers.datasource import CachedParquetDatasource
 from ray_cache.testing import CountingProxy
 from conftest import BUCKET, data_gets, read_all, write_dataset
 from ray_cache.testing import s3_data_gets
@@ -153,7 +153,7 @@ def test_killed_worker_mid_read_falls_back_counted(gpu_nodes, tmp_path, s3fs_dir
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
     ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)  # planned with both workers
-    victim = cluster.live_workers()[0]
+    victim = membership.live_workers()[0]
     ray.kill(victim.handle, no_restart=True)
     got = read_all(ds)
     assert got.equals(_expected(s3fs_direct, paths))
@@ -166,15 +166,15 @@ def test_single_flight_one_fetch_for_many_readers(cache, s3_server, s3fs_direct,
     paths = write_dataset(s3fs_direct, prefix, files=1, rows=8_000, rg_rows=8_000)
     with CountingProxy(s3_server.endpoint_url, latency_ms=400) as slow:
         fs = s3fs.S3FileSystem(**s3_server.storage_options(endpoint_url=slow.url), skip_instance_cache=True)
-        objects = ray_cache.underfs.list_objects(fs, [paths[0]])
-        workers = cluster.live_workers()
+        objects = ray_cache.store.underfs.list_objects(fs, [paths[0]])
+        workers = membership.live_workers()
         source = CachedParquetDatasource(fs, objects, workers)
         (req,) = source.requests
         slow.reset()
 
         @ray.remote(num_cpus=0)
         def reader():
-            return list(client.read_units(fs, [req], workers))[0]
+            return list(routing.read_units(fs, [req], workers))[0]
 
         tables = ray.get([reader.remote() for _ in range(6)])
         direct = workers[0].handle.get_many.options(num_returns="streaming").remote(fs, [req] * 8)

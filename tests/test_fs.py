@@ -18,11 +18,11 @@ import ray
 
 import ray_cache
 from conftest import data_gets
-from ray_cache import pages
-from ray_cache.errors import ObjectChangedError
-from ray_cache.fs import CacheFileSystem
-from ray_cache.keys import StoreObject
-from ray_cache.underfs import version_of
+from ray_cache.files import pages
+from ray_cache.store.errors import ObjectChangedError
+from ray_cache.files.fs import CacheFileSystem
+from ray_cache.store.keys import StoreObject
+from ray_cache.store.underfs import version_of
 
 MiB = 1 << 20
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import BUCKET, data_gets
-from ray_cache import pages
+from ray_cache.files import pages
 from ray_cache.testing import CountingProxy
 from ray_cache.testing.azurite import ACCOUNT, AzuriteServer
 

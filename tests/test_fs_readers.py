@@ -20,9 +20,9 @@ import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from conftest import data_gets, make_table, read_all, write_dataset
-from ray_cache import pages
-from ray_cache.cluster import live_workers
-from ray_cache.fs import CacheFileSystem
+from ray_cache.files import pages
+from ray_cache.cluster.membership import live_workers
+from ray_cache.files.fs import CacheFileSystem
 
 
 @pytest.fixture()

@@ -78,7 +78,7 @@ def test_pinned_data_survives_a_read_larger_than_both_tiers(ray_session, tmp_pat
         ray_cache.pin(f"s3://{prefix}/pinned/", filesystem=s3fs_proxied)
         for _ in range(2):  # ~10 units through tiers of 2.5 and 3.5 units
             _read(prefix + "/big", s3fs_proxied)
-            ray.get([w.handle.flush.remote() for w in ray_cache.cluster.live_workers()])
+            ray.get([w.handle.flush.remote() for w in ray_cache.cluster.membership.live_workers()])
             _assert_within_capacity()
         assert ray_cache.stats()["evictions"] > 0
         proxy.reset()
@@ -154,7 +154,7 @@ def test_ttl_expires_loaded_entries(cache, s3fs_direct, s3fs_proxied, proxy, pre
 def test_capacities_change_at_run_time(cache, s3fs_direct, s3fs_proxied, prefix):
     write_dataset(s3fs_direct, prefix, files=4)
     _read(prefix, s3fs_proxied)
-    ray.get([w.handle.flush.remote() for w in ray_cache.cluster.live_workers()])
+    ray.get([w.handle.flush.remote() for w in ray_cache.cluster.membership.live_workers()])
     before = ray_cache.status().workers[0]
     ray_cache.configure(memory_bytes=before["memory_bytes_used"] // 2, disk_bytes=before["disk_bytes_used"] // 2)
     after = ray_cache.status().workers[0]

@@ -1,6 +1,6 @@
 """Eviction policies: LRU and the scan-resistant TinyLFU, pure and through real workers.
 
-The pure tests drive a :class:`~ray_cache.tiers.base.Tier` (byte accounting, pins,
+The pure tests drive a :class:`~ray_cache.node.tiers.base.Tier` (byte accounting, pins,
 admission, eviction) with unit-sized keys. The last test reads a data set twice the
 cache's size for three epochs through real workers and counts the data GETs that reach
 the S3 server at the proxy: from the second epoch on, TinyLFU serves about half of the
@@ -17,10 +17,10 @@ import pytest
 
 import ray_cache
 from conftest import data_gets, write_dataset
-from ray_cache import cluster
+from ray_cache.cluster import membership
 from ray_cache.config import WorkerConfig
-from ray_cache.tiers.base import Tier
-from ray_cache.tiers.policy import POLICIES, LRUPolicy, TinyLFUPolicy, make_policy
+from ray_cache.node.tiers.base import Tier
+from ray_cache.node.tiers.policy import POLICIES, LRUPolicy, TinyLFUPolicy, make_policy
 
 
 class BytesTier(Tier):
@@ -190,7 +190,7 @@ def test_data_twice_the_cache_three_epochs_hit_ratio_at_the_store(
     unit_bytes = sum(pq.read_table(p, filesystem=s3fs_direct).nbytes for p in paths)
     ray_cache.shutdown()
     try:
-        cluster.ensure_workers(64 << 20, 1, str(tmp_path / "cache"), policy=policy)
+        membership.ensure_workers(64 << 20, 1, str(tmp_path / "cache"), policy=policy)
         ds = ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied, zero_copy=False)
         footers = ray_cache.status().workers[0]["memory_bytes_used"]  # planning cached them
         ray_cache.configure(memory_bytes=footers + unit_bytes // 2)
@@ -208,7 +208,7 @@ def test_data_twice_the_cache_three_epochs_hit_ratio_at_the_store(
 def test_reads_mapped_by_readers_count_as_disk_hits_and_keep_entries_recent(tmp_path):
     import pyarrow as pa
 
-    from ray_cache.entries import LocalCache
+    from ray_cache.node.entries import LocalCache
 
     cache = LocalCache(WorkerConfig(memory_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=str(tmp_path)))
     try:

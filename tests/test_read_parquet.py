@@ -123,7 +123,7 @@ def test_tiers_stay_within_capacity(ray_session, tmp_path, s3fs_direct, s3fs_pro
         for _ in range(2):
             got = read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied))
             assert got.equals(expected(s3fs_direct, paths))
-            for ref in ray.get([w.handle.flush.remote() for w in ray_cache.cluster.live_workers()]):
+            for ref in ray.get([w.handle.flush.remote() for w in ray_cache.cluster.membership.live_workers()]):
                 pass
             for w in ray_cache.status().workers:
                 assert 0 < w["memory_bytes_used"] <= w["memory_bytes_capacity"]
@@ -163,7 +163,7 @@ def test_disk_tier_survives_worker_restart(ray_session, tmp_path, s3fs_direct, s
 def test_cache_files_are_owner_only(cache, s3fs_direct, s3fs_proxied, prefix):
     write_dataset(s3fs_direct, prefix, files=1)
     read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied))
-    ray.get([w.handle.flush.remote() for w in ray_cache.cluster.live_workers()])
+    ray.get([w.handle.flush.remote() for w in ray_cache.cluster.membership.live_workers()])
     files = _arrow_files(cache)
     assert files
     for f in files:
@@ -182,7 +182,7 @@ def test_credentials_never_reach_cache_names_or_files(cache, s3_server, s3fs_dir
     )
     write_dataset(s3fs_direct, prefix, files=1)
     read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs))
-    ray.get([w.handle.flush.remote() for w in ray_cache.cluster.live_workers()])
+    ray.get([w.handle.flush.remote() for w in ray_cache.cluster.membership.live_workers()])
     for root, dirs, files in os.walk(cache):
         for name in dirs + files:
             assert secret not in name and "AKIA-ray-cache-test" not in name

@@ -3,7 +3,7 @@
 Real PySpark (``local[2]``, Java 17): the filesystem is pickled into a task's closure and
 unpickled in Spark's Python worker processes, which have no Ray of their own; there it
 joins the Ray cluster whose address was recorded at pickling and reads pages through the
-cache workers (``ray_cache.pages``). The cache is warmed by this process first, so every
+cache workers (``ray_cache.files.pages``). The cache is warmed by this process first, so every
 data request the Spark job could make would be counted at the proxy in front of the S3
 server: there must be none.
 """
@@ -18,7 +18,7 @@ import pytest
 
 import ray_cache
 from conftest import data_gets
-from ray_cache.fs import CacheFileSystem
+from ray_cache.files.fs import CacheFileSystem
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_spark_python_workers_read_through_the_cache(spark, cache, s3fs_direct, 
     def read(paths):
         import ray
 
-        from ray_cache import pages
+        from ray_cache.files import pages
 
         for path in paths:
             data = rfs.cat_file(path)

@@ -104,7 +104,7 @@ def test_torch_trainer_epochs_read_every_row_once_and_only_the_first_touches_the
 def test_prefetch_fills_a_cold_cache_so_the_first_epoch_sends_no_data_request(
     cache, s3fs_direct, s3fs_proxied, proxy, prefix
 ):
-    from ray_cache.train import prefetch
+    from ray_cache.steering.prefetch import prefetch
 
     write_dataset(s3fs_direct, prefix, files=3, rows=2_000, rg_rows=1_000)
     url = f"s3://{prefix}/"
@@ -121,7 +121,7 @@ def test_prefetch_fills_a_cold_cache_so_the_first_epoch_sends_no_data_request(
 
 
 def test_prefetch_leaves_out_what_the_cache_cannot_keep(cache, s3fs_direct, s3fs_proxied, proxy, prefix):
-    from ray_cache.train import prefetch
+    from ray_cache.steering.prefetch import prefetch
 
     write_dataset(s3fs_direct, prefix, files=4, rows=20_000, rg_rows=20_000)
     ray_cache.configure(memory_bytes=2 << 20, disk_bytes=2 << 20)  # about two units of ~0.9 MB

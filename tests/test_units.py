@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_cache import errors, hashing, parquet, underfs
-from ray_cache.keys import EntryKey
-from ray_cache.tiers.disk import DiskTier, claim_slot
-from ray_cache.tiers.policy import LRUPolicy, make_policy
+from ray_cache.store import errors, parquet, underfs
+from ray_cache.cluster import hashing
+from ray_cache.store.keys import EntryKey
+from ray_cache.node.tiers.disk import DiskTier, claim_slot
+from ray_cache.node.tiers.policy import LRUPolicy, make_policy
 
 
 def test_rendezvous_owner_is_stable_and_moves_about_one_nth_on_join():
@@ -177,9 +178,9 @@ def _until(condition, timeout: float = 30.0) -> None:
 
 
 def test_a_version_check_is_answered_only_by_a_request_begun_after_it():
-    from ray_cache.errors import ObjectChangedError
-    from ray_cache.keys import StoreObject
-    from ray_cache.versions import VersionChecks
+    from ray_cache.store.errors import ObjectChangedError
+    from ray_cache.store.keys import StoreObject
+    from ray_cache.store.versions import VersionChecks
 
     obj = StoreObject("s3", "b/k", 3, "v1")
     answers = ["v1", "v2"]  # the object is rewritten while the first request is out
@@ -218,8 +219,8 @@ def test_a_version_check_is_answered_only_by_a_request_begun_after_it():
 
 
 def test_a_failed_version_check_reaches_every_caller_of_its_round():
-    from ray_cache.keys import StoreObject
-    from ray_cache.versions import VersionChecks
+    from ray_cache.store.keys import StoreObject
+    from ray_cache.store.versions import VersionChecks
 
     def ask(_fs, path):
         raise FileNotFoundError(2, "No such object", path)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from .s3server import ManagedProcess
+from ray_cache.testing.s3server import ManagedProcess
 
 __all__ = ["AzuriteServer", "ensure_azurite", "AZURITE_VERSION", "ACCOUNT"]
 

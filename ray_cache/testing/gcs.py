@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Optional
 
-from .s3server import OPENER, ManagedProcess, find_executable
+from ray_cache.testing.s3server import OPENER, ManagedProcess, find_executable
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 

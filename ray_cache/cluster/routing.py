@@ -24,14 +24,15 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from . import fetch, hashing
-from .cluster import WorkerRef
-from .config import WORKER_TIMEOUT_S
-from .errors import CacheError
-from .fetch import UnitRequest
-from .keys import StoreObject
+from ray_cache.store import fetch
+from ray_cache.cluster import hashing
+from ray_cache.cluster.membership import WorkerRef
+from ray_cache.config import WORKER_TIMEOUT_S
+from ray_cache.store.errors import CacheError
+from ray_cache.store.fetch import UnitRequest
+from ray_cache.store.keys import StoreObject
 
-log = logging.getLogger("ray_cache.client")
+log = logging.getLogger("ray_cache.cluster.routing")
 
 #: Failures that mean "this worker (or the node under it) is gone", not "bad input".
 #: (``OwnerDiedError`` is an ``ObjectLostError``: the cached object's owner, the worker, died.)
@@ -126,7 +127,7 @@ def ask_owners(
     """One streaming ``get_many`` call per owning worker; answers yielded in request order.
 
     The shared routing step of Parquet read tasks (:func:`read_units`) and page reads
-    (:mod:`ray_cache.pages`). Once an owner is in ``gone`` (its stream failed here, or the
+    (:mod:`ray_cache.files.pages`). Once an owner is in ``gone`` (its stream failed here, or the
     caller failed to get an object it pointed to and added it), every later request it
     owned gets that exception at once, so no reader waits on a dead worker twice.
     """

@@ -14,9 +14,16 @@ from typing import Any, Dict, List, Optional
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .config import MEMORY_FRACTION, NAMESPACE, WorkerConfig
+from ray_cache.config import (
+    MEMORY_FRACTION,
+    NAMESPACE,
+    WorkerConfig,
+    default_disk_dir,
+    validate_capacity,
+    validate_disk_dir,
+)
 
-log = logging.getLogger("ray_cache.cluster")
+log = logging.getLogger("ray_cache.cluster.membership")
 
 #: How ``start(nodes=...)`` may choose cache nodes.
 NODE_SELECTORS = ("auto", "all", "gpu")
@@ -67,7 +74,7 @@ def cache_nodes(nodes: str = "auto", alive: Optional[List[Dict[str, Any]]] = Non
 
 
 def _actor_class():
-    from .worker import CacheWorker  # the worker stack (pyarrow...) only where workers start
+    from ray_cache.node.worker import CacheWorker  # the worker stack (pyarrow...) only where workers start
 
     return ray.remote(CacheWorker)
 
@@ -168,3 +175,52 @@ def stop_workers(timeout_s: float = 60.0) -> int:
                 break
             time.sleep(0.05)  # polling Ray's actor table for the name to be released
     return len(workers)
+
+
+def ensure_ray() -> None:
+    """Connect to Ray, or start a local Ray (without its dashboard) if none is running."""
+    if not ray.is_initialized():
+        # No dashboard: nothing should listen on a port the user did not ask for.
+        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+
+
+def start(
+    *,
+    memory_bytes: Optional[int] = None,
+    disk_bytes: Optional[int] = None,
+    disk_dir: Optional[str] = None,
+    nodes: str = "auto",
+    policy: str = "lru",
+) -> List[WorkerRef]:
+    """Validate the settings, then start or attach to a worker on every cache node
+    (``ray_cache.start`` documents the arguments)."""
+    from ray_cache.node.tiers.policy import make_policy
+
+    memory_bytes = validate_capacity("memory_bytes", memory_bytes)
+    disk_bytes = validate_capacity("disk_bytes", disk_bytes)
+    make_policy(policy)  # ValueError naming the known policies, before any worker starts
+    root = validate_disk_dir(disk_dir or default_disk_dir())
+    ensure_ray()
+    return ensure_workers(memory_bytes, disk_bytes, root, nodes=nodes, policy=policy)
+
+
+def workers() -> List[WorkerRef]:
+    """The live workers, after starting one on any cache node that joined since."""
+    ensure_ray()
+    alive = alive_nodes()
+    found = live_workers(alive)
+    if not found:
+        return start()
+    have = {w.node_id for w in found}
+    if all(n["NodeID"] in have for n in alive):  # cache nodes are alive nodes: none missing
+        return found
+    try:
+        cfg = ray.get(found[0].handle.get_config.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - that worker is going away; use what is alive
+        return found
+    if any(n["NodeID"] not in have for n in cache_nodes(cfg["nodes"], alive)):
+        found = ensure_workers(
+            cfg["requested_memory_bytes"], cfg["requested_disk_bytes"], cfg["disk_dir"],
+            nodes=cfg["nodes"], policy=cfg["policy"], resize=False,
+        )
+    return found

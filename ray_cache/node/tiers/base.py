@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Dict, List, Optional
 
-from .policy import EvictionPolicy, make_policy
+from ray_cache.node.tiers.policy import EvictionPolicy, make_policy
 
 
 class Tier:

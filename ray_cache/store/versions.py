@@ -1,7 +1,7 @@
 """Version checks after fetches, shared: one metadata request serves every fetch that ended before it began.
 
 Every fetch from the store (a Parquet unit, a page, a footer) is followed by a check that
-the store still reports the version the read planned (:func:`ray_cache.fetch.check_version`):
+the store still reports the version the read planned (:func:`ray_cache.store.fetch.check_version`):
 bytes belong to that version only if it is still current **after** they arrived. A worker
 fetching the 16 pages of one object in parallel used to follow each with its own metadata
 request (16 GETs, 16 HEADs). :class:`VersionChecks` keeps the guarantee and shares the
@@ -13,13 +13,13 @@ in all, however many there are.
 
 Examples
 --------
->>> from ray_cache.keys import StoreObject
+>>> from ray_cache.store.keys import StoreObject
 >>> checks = VersionChecks(ask=lambda fs, path: "etag:a/3")
 >>> checks.check(None, StoreObject("s3", "b/k", 3, "etag:a/3"))  # still current: returns
 >>> checks.check(None, StoreObject("s3", "b/k", 3, "etag:old/3"))
 Traceback (most recent call last):
 ...
-ray_cache.errors.ObjectChangedError: s3://b/k changed in the store while it was read (planned version etag:old/3, now etag:a/3); read it again
+ray_cache.store.errors.ObjectChangedError: s3://b/k changed in the store while it was read (planned version etag:old/3, now etag:a/3); read it again
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from . import underfs
-from .config import WORKER_TIMEOUT_S
-from .errors import ObjectChangedError
-from .keys import StoreObject
+from ray_cache.store import underfs
+from ray_cache.config import WORKER_TIMEOUT_S
+from ray_cache.store.errors import ObjectChangedError
+from ray_cache.store.keys import StoreObject
 
 #: ``ask(fs, path)`` -> the version the store reports now.
 Ask = Callable[[Any, str], str]
@@ -62,7 +62,7 @@ class VersionChecks:
     ----------
     ask : callable, optional
         ``ask(fs, path)`` returns the object's current version (default:
-        :func:`ray_cache.underfs.current_version`, one metadata request, looked up at
+        :func:`ray_cache.store.underfs.current_version`, one metadata request, looked up at
         each call).
     timeout_s : float
         Longest a caller waits for the rounds ahead of it and its own; then ``TimeoutError``.

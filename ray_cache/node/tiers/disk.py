@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import pyarrow as pa
 
-from .base import Tier
+from ray_cache.node.tiers.base import Tier
 
 _KEY_FIELD = b"ray_cache.key"
 _PROTOCOL_FIELD = b"ray_cache.protocol"
@@ -169,7 +169,7 @@ def read_entry(path: str, key: str) -> Optional[pa.Table]:
     """The entry file at ``path``, memory-mapped, if it is a valid entry for ``key``; else None.
 
     The one place that reads an entry file: the tier itself, its re-index and same-node
-    page readers (:mod:`ray_cache.pages`) all go through it, so the key check is never
+    page readers (:mod:`ray_cache.files.pages`) all go through it, so the key check is never
     skipped. The returned table's buffers stay mapped after the file is closed.
     """
     try:

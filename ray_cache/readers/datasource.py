@@ -16,11 +16,12 @@ from ray.data import ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource
 
-from . import client, parquet
-from .cluster import WorkerRef
-from .config import UNIT_TARGET_BYTES
-from .fetch import UnitRequest
-from .keys import EntryKey, StoreObject
+from ray_cache.cluster import routing
+from ray_cache.store import parquet
+from ray_cache.cluster.membership import WorkerRef
+from ray_cache.config import UNIT_TARGET_BYTES
+from ray_cache.store.fetch import UnitRequest
+from ray_cache.store.keys import EntryKey, StoreObject
 
 
 class CachedParquetDatasource(Datasource):
@@ -46,7 +47,7 @@ class CachedParquetDatasource(Datasource):
         self._columns = list(columns) if columns is not None else None
         # The key keeps the caller's column order, so a cached table needs no reordering.
         key_columns = tuple(dict.fromkeys(columns)) if columns is not None else None
-        footers = client.footers(fs, objects, self._workers)
+        footers = routing.footers(fs, objects, self._workers)
         self._requests: List[UnitRequest] = []
         self._schema: Optional[pa.Schema] = None
         for obj, footer in zip(objects, footers):
@@ -113,7 +114,7 @@ class CachedParquetDatasource(Datasource):
             tasks.append(
                 ReadTask(
                     # Keys keep the caller's column order: tables come out as asked.
-                    functools.partial(client.read_units, self._fs, chunk, self._workers),
+                    functools.partial(routing.read_units, self._fs, chunk, self._workers),
                     meta,
                     schema=self._schema,
                     per_task_row_limit=per_task_row_limit,

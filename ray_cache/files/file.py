@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Any, Dict, Optional
 
-from fsspec.spec import AbstractBufferedFile
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
-from . import pages
-from .keys import StoreObject
-
-if TYPE_CHECKING:  # pragma: no cover - the filesystem imports this module
-    from .fs import CacheFileSystem
+from ray_cache.files import pages
+from ray_cache.store.keys import StoreObject
 
 #: Disk-tier page mappings one open file keeps for its warm path (address space only).
 MAX_FILE_VIEWS = 64
@@ -20,10 +17,12 @@ class CachedFile(AbstractBufferedFile):
     """A file open for reading: one object version, read in pages through the cache.
 
     Reads go straight to the pages (fsspec's ``"none"`` cache type): the pages and this
-    process's page buffers are the cache, so there is no second buffer here.
+    process's page buffers are the cache, so there is no second buffer here. ``fs`` is the
+    :class:`ray_cache.files.fs.CacheFileSystem` that opened it: this file uses its
+    ``page_size`` and ``target`` (the store's filesystem, usable in this process).
     """
 
-    def __init__(self, fs: "CacheFileSystem", path: str, obj: StoreObject, info: Dict[str, Any],
+    def __init__(self, fs: AbstractFileSystem, path: str, obj: StoreObject, info: Dict[str, Any],
                  block_size: Optional[int] = None) -> None:
         self.obj = obj
         self._page_size = fs.page_size
@@ -72,7 +71,7 @@ class CachedFile(AbstractBufferedFile):
         super().close()
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        fs: "CacheFileSystem" = self.fs
+        fs = self.fs
         lo, hi = pages.clamp(start, end, self.obj.size)
         if hi <= lo:
             return b""

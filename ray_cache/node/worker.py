@@ -1,10 +1,10 @@
 """The per-node cache worker actor: Parquet units, raw pages, footers, and their management.
 
-One ``CacheWorker`` actor runs on each cache node (see :mod:`ray_cache.cluster`). It is a
+One ``CacheWorker`` actor runs on each cache node (see :mod:`ray_cache.cluster.membership`). It is a
 threaded actor: requests for different keys proceed in parallel (pyarrow and fsspec
 release the GIL) while requests for the same cold key wait on the one fetch in flight.
-The caching itself lives in :class:`ray_cache.entries.LocalCache`; this module maps
-requests to entries and fetches misses through :mod:`ray_cache.fetch`.
+The caching itself lives in :class:`ray_cache.node.entries.LocalCache`; this module maps
+requests to entries and fetches misses through :mod:`ray_cache.store.fetch`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from . import fetch, parquet
-from .config import WorkerConfig, default_disk_bytes, validate_disk_dir
-from .entries import LocalCache
-from .errors import translate
-from .fetch import PageRequest, UnitRequest
-from .keys import StoreObject
-from .metrics import WorkerMetrics
+from ray_cache.store import fetch, parquet
+from ray_cache.config import WorkerConfig, default_disk_bytes, validate_disk_dir
+from ray_cache.node.entries import LocalCache
+from ray_cache.store.errors import translate
+from ray_cache.store.fetch import PageRequest, UnitRequest
+from ray_cache.store.keys import StoreObject
+from ray_cache.node.metrics import WorkerMetrics
 
-log = logging.getLogger("ray_cache.worker")
+log = logging.getLogger("ray_cache.node.worker")
 
 #: Parsed footers kept per worker process (their bytes are cache entries too).
 _META_CACHE_ITEMS = 4096
@@ -45,7 +45,7 @@ def _bytes_table(data: bytes) -> pa.Table:
 class CacheWorker:
     """A node's cache: answers reads, fills misses from the store, and is managed by path.
 
-    Not used directly: :func:`ray_cache.cluster.ensure_workers` starts it as a named,
+    Not used directly: :func:`ray_cache.cluster.membership.ensure_workers` starts it as a named,
     detached Ray actor pinned to its node.
     """
 
@@ -158,7 +158,7 @@ class CacheWorker:
 
     def touch(self, digests: Sequence[str]) -> int:
         """Count reads of this worker's disk-tier entries that a reader on this node mapped
-        directly (``ray_cache.pages``), and refresh their recency; returns how many exist."""
+        directly (``ray_cache.files.pages``), and refresh their recency; returns how many exist."""
         return self.cache.touch(digests)
 
     def footers(self, fs: Any, objects: Sequence[StoreObject]) -> List[Any]:

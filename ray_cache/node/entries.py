@@ -23,13 +23,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import pyarrow as pa
 import ray
 
-from .config import COUNTERS, WorkerConfig  # noqa: F401 - COUNTERS: ray_cache.entries.COUNTERS
-from .errors import PinCapacityError  # noqa: F401 - also ray_cache.entries.PinCapacityError
-from .keys import EntryKey
-from .tiers.disk import DiskTier
-from .tiers.memory import MemoryTier
+from ray_cache.config import COUNTERS, WorkerConfig  # noqa: F401 - COUNTERS: ray_cache.entries.COUNTERS
+from ray_cache.store.errors import PinCapacityError  # noqa: F401 - also ray_cache.entries.PinCapacityError
+from ray_cache.store.keys import EntryKey
+from ray_cache.node.tiers.disk import DiskTier
+from ray_cache.node.tiers.memory import MemoryTier
 
-log = logging.getLogger("ray_cache.entries")
+log = logging.getLogger("ray_cache.node.entries")
 
 #: ``(ref, nbytes, tier)``: where a caller finds an entry and which tier served it.
 Served = Tuple[ray.ObjectRef, int, str]

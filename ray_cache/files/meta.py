@@ -1,9 +1,9 @@
 """Answers of a target filesystem's metadata calls, reused for a short time (``raycache``).
 
-``info``, ``ls`` and ``find`` of :class:`ray_cache.fs.CacheFileSystem` go through one
+``info``, ``ls`` and ``find`` of :class:`ray_cache.files.fs.CacheFileSystem` go through one
 :class:`MetadataCache` per filesystem instance: each answer is reused for ``ttl`` seconds
 (``metadata_ttl=``; 0 asks every time) and forgotten at once after a write through the
-same filesystem. What this window means for rewritten objects is in :mod:`ray_cache.fs`.
+same filesystem. What this window means for rewritten objects is in :mod:`ray_cache.files.fs`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import pyarrow as pa
 import ray
 
-from .base import Tier
+from ray_cache.node.tiers.base import Tier
 
 
 def block_metadata(table: pa.Table) -> Any:

@@ -12,9 +12,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import parquet, underfs, versions
-from .errors import ObjectChangedError
-from .keys import EntryKey, StoreObject
+from ray_cache.store import parquet, underfs, versions
+from ray_cache.store.errors import ObjectChangedError
+from ray_cache.store.keys import EntryKey, StoreObject
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ Counter = Callable[[int, int], None]
 
 
 def fetcher(fs: Any, obj: StoreObject, count: Optional[Counter] = None) -> parquet.Fetcher:
-    """A :data:`ray_cache.parquet.Fetcher` reading ``obj`` through ``fs``."""
+    """A :data:`ray_cache.store.parquet.Fetcher` reading ``obj`` through ``fs``."""
 
     def fetch(ranges: Sequence[Tuple[int, int]]) -> List[bytes]:
         blobs = underfs.read_ranges(fs, obj.path, ranges)
@@ -70,7 +70,7 @@ def check_version(fs: Any, obj: StoreObject) -> None:
     Called after fetching: bytes belong to the planned version only if the store still
     reports it, so a rewrite during a read is never cached or returned as the old data.
     Concurrent checks of one object share metadata requests, each answered only by a
-    request begun after it was asked (:mod:`ray_cache.versions`).
+    request begun after it was asked (:mod:`ray_cache.store.versions`).
     """
     versions.CHECKS.check(fs, obj)
 

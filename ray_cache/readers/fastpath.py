@@ -42,7 +42,7 @@ def dataset_from_refs(refs: Sequence[ray.ObjectRef], metas: Sequence[Any]) -> "r
 
 def try_zero_copy(requests: Sequence[Any], workers: Sequence[Any]) -> Optional["ray.data.Dataset"]:
     """The dataset from cached refs if every unit is in a worker's memory tier, else None."""
-    from . import hashing
+    from ray_cache.cluster import hashing
 
     names = [w.name for w in workers]
     if not names or not requests:

@@ -17,10 +17,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ray
 
-from . import client, cluster, fetch, hashing, underfs
-from .config import PAGE_SIZE
-from .datasource import CachedParquetDatasource
-from .errors import PinCapacityError
+from ray_cache.cluster import routing, membership, hashing
+from ray_cache.store import fetch, underfs
+from ray_cache.config import PAGE_SIZE
+from ray_cache.readers.datasource import CachedParquetDatasource
+from ray_cache.store.errors import PinCapacityError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 #: Requests sent to a worker in one call; a cancelled load stops between batches.
@@ -62,7 +63,7 @@ class LoadReport:
 @dataclass
 class Plan:
     fs: Any
-    workers: List[cluster.WorkerRef]
+    workers: List[membership.WorkerRef]
     requests: List[Any]
     extra_digests: List[Tuple[int, str]]  # footers: (owner, digest)
 
@@ -77,9 +78,7 @@ def plan(
     """Resolve ``paths`` into the cache requests a load (or pin) consists of."""
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
     objects = underfs.list_objects(fs, stripped)
-    from .api import _workers
-
-    workers = _workers()
+    workers = membership.workers()
     names = [w.name for w in workers]
     parquet_objs = [o for o in objects if o.path.endswith(PARQUET_SUFFIXES)]
     others = [o for o in objects if not o.path.endswith(PARQUET_SUFFIXES)]
@@ -125,8 +124,8 @@ def run_load(p: Plan, *, progress: Optional[bool] = None, cancel: Optional[threa
             batch = reqs[i : i + BATCH]
             try:
                 stream = handle.load.options(num_returns="streaming").remote(p.fs, batch)
-                items = [ray.get(client.next_item(stream)) for _ in batch]
-            except client.WORKER_GONE as exc:
+                items = [ray.get(routing.next_item(stream)) for _ in batch]
+            except routing.WORKER_GONE as exc:
                 items = [("err", exc)] * len(batch)
             with lock:
                 for req, item in zip(batch, items):
@@ -239,7 +238,7 @@ class LoadJob(BackgroundJob):
         return super().wait(timeout)
 
 
-def pin_loaded(report: LoadReport, workers: List[cluster.WorkerRef], ttl_s: Optional[float]) -> None:
+def pin_loaded(report: LoadReport, workers: List[membership.WorkerRef], ttl_s: Optional[float]) -> None:
     """Pin what a load cached; all or nothing: on a capacity error, undo and raise."""
     done: List[Tuple[int, List[str]]] = []
     try:

@@ -1,9 +1,9 @@
 """Byte ranges of store objects, read through the cache workers in fixed-size pages.
 
-This is the client side of the ``raycache`` filesystem (:mod:`ray_cache.fs`). A byte
+This is the client side of the ``raycache`` filesystem (:mod:`ray_cache.files.fs`). A byte
 range is cut into pages of ``page_size`` bytes (default :data:`PAGE_SIZE`); each page is
 one cache entry, keyed by (protocol, path, version, page size, index) like any other
-entry (:func:`ray_cache.fetch.page_key`), owned by the worker that rendezvous hashing
+entry (:func:`ray_cache.store.fetch.page_key`), owned by the worker that rendezvous hashing
 picks, and served from that worker's memory tier, else its disk tier, else fetched from
 the store once (one ranged GET, then a version check) and kept. Pages share capacity and
 eviction with the Arrow batches: they live in the same ``LocalCache``.
@@ -29,7 +29,7 @@ Where a page comes from (cheapest first)
    Buffers that came from the object store pin their object there, so they are bounded
    by :data:`BUFFER_BYTES` (64 MiB); buffers mapped from disk pin nothing and are bounded
    by :data:`MAPPED_BYTES` of address space. (Before even this, an open file keeps the
-   mappings of its own pages: :class:`ray_cache.fsfile.CachedFile`.)
+   mappings of its own pages: :class:`ray_cache.files.file.CachedFile`.)
 2. **This node's disk tier, mapped directly** (a short-circuit read, as HDFS and Alluxio
    do for local blocks): if the page's owner runs on this node, its Arrow IPC file is
    memory-mapped read-only, no actor call, no copy. The file must carry the page's key
@@ -57,13 +57,13 @@ Which process can use Ray
 - A process without Ray (a script, a ``spawn``/``forkserver`` DataLoader worker, a Spark
   executor): it connects to the cluster whose address was recorded when the filesystem
   was pickled (:meth:`PageReader.remember_address`), else goes through
-  ``ray_cache.api._workers()``, which starts a local Ray and a worker if none is running.
+  ``ray_cache.cluster.membership.workers()``, which starts a local Ray and a worker if none is running.
 - A process **forked** from one where Ray was initialized (PyTorch ``DataLoader`` workers
   with the default ``fork`` context on Linux): Ray's core worker does not survive
   ``fork`` (calls hang), so that process does not use Ray. Pages in this node's disk tier
   are still mapped directly (step 2, with the layout known before the fork); every other
   page is read **straight from the store** with the same version-checked code
-  (:func:`ray_cache.fetch.read_page`), counted in :meth:`PageReader.stats`
+  (:func:`ray_cache.store.fetch.read_page`), counted in :meth:`PageReader.stats`
   (``direct_pages``, ``direct_bytes``), with a warning naming the remedy
   (``multiprocessing_context="forkserver"`` or ``"spawn"``) logged once per process.
 
@@ -81,8 +81,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import ray
 
-from . import fetch, hashing
-from .pagebuf import (  # noqa: F401 - re-exported: the page parts are used as pages.*
+from ray_cache.store import fetch
+from ray_cache.cluster import hashing
+from ray_cache.files.pagebuf import (  # noqa: F401 - re-exported: the page parts are used as pages.*
     BUFFER_BYTES,
     MAPPED_BYTES,
     PAGE_SIZE,
@@ -94,14 +95,15 @@ from .pagebuf import (  # noqa: F401 - re-exported: the page parts are used as p
     page_buffer,
     page_requests,
 )
-from .client import WORKER_GONE, ask_owners, report_fallback, warn_once
-from .cluster import WorkerRef
-from .config import WORKER_TIMEOUT_S
-from .errors import ObjectChangedError, translate
-from .fetch import PageRequest
-from .keys import StoreObject
+from ray_cache.cluster.routing import WORKER_GONE, ask_owners, report_fallback, warn_once
+from ray_cache.cluster import membership
+from ray_cache.cluster.membership import WorkerRef
+from ray_cache.config import WORKER_TIMEOUT_S
+from ray_cache.store.errors import ObjectChangedError, translate
+from ray_cache.store.fetch import PageRequest
+from ray_cache.store.keys import StoreObject
 
-log = logging.getLogger("ray_cache.pages")
+log = logging.getLogger("ray_cache.files.pages")
 
 #: Seconds a process reuses its list of workers before asking Ray again.
 WORKERS_TTL_S = 30.0
@@ -122,7 +124,7 @@ class PageReader:
 
     Examples
     --------
-    >>> from ray_cache import pages
+    >>> from ray_cache.files import pages
     >>> obj = StoreObject("s3", "bucket/key", 10 << 20, "etag:abc/10485760")
     >>> data = pages.reader().read_range(s3fs_instance, obj, 0, 1000)  # doctest: +SKIP
     """
@@ -197,7 +199,7 @@ class PageReader:
                 log.warning(
                     "ray_cache: process %d was forked from a process running Ray, where Ray "
                     "cannot be used; pages not in this node's disk tier are read straight from "
-                    "the store (counted in ray_cache.pages.reader().stats()['direct_pages']). "
+                    "the store (counted in ray_cache.files.pages.reader().stats()['direct_pages']). "
                     "Use a 'forkserver' or 'spawn' multiprocessing context "
                     "(DataLoader(multiprocessing_context=...)) to read through the cache.",
                     os.getpid())
@@ -213,9 +215,7 @@ class PageReader:
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     log.warning("ray_cache: cannot join Ray at %s (%s); starting or finding "
                                 "one as ray_cache.start() does", self._address, exc)
-            from .api import _workers  # the public layer knows how to start workers
-
-            workers = _workers()
+            workers = membership.workers()
             self.flush_touches()  # indexes in the old list of workers
             self.layout = Layout([w.name for w in workers], _local_slots(workers))
             self._workers, self._workers_at = workers, time.monotonic()
@@ -452,7 +452,7 @@ def reader() -> PageReader:
 
     Examples
     --------
-    >>> from ray_cache import pages
+    >>> from ray_cache.files import pages
     >>> pages.reader() is pages.reader()
     True
     """

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import NotParquetError
+from ray_cache.store.errors import NotParquetError
 
 MAGIC = b"PAR1"
 #: Bytes read from the end of an object to find its footer in one request, usually.

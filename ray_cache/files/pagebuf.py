@@ -1,11 +1,11 @@
 """Pages held by one process: cutting ranges into pages, page buffers, disk-tier mappings.
 
-The parts of :mod:`ray_cache.pages` that need no Ray: which pages cover a byte range
+The parts of :mod:`ray_cache.files.pages` that need no Ray: which pages cover a byte range
 (:func:`page_requests`), how a range is cut from consecutive page buffers
 (:func:`assemble`), a page's bytes inside its Arrow entry (:func:`page_buffer`), mapping
 a page straight from a disk-tier slot on this node (:func:`map_page`), the bounded LRU of
 buffers a process keeps (:class:`PageBuffers`) and who owns which page (:class:`Layout`).
-See :mod:`ray_cache.pages` for the whole read path and why pages are 4 MiB.
+See :mod:`ray_cache.files.pages` for the whole read path and why pages are 4 MiB.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from . import fetch, hashing
-from .fetch import PageRequest
-from .keys import StoreObject
-from .tiers.disk import entry_path, read_entry
+from ray_cache.store import fetch
+from ray_cache.cluster import hashing
+from ray_cache.store.fetch import PageRequest
+from ray_cache.store.keys import StoreObject
+from ray_cache.node.tiers.disk import entry_path, read_entry
 
 #: Default page size (see the module docstring for why 4 MiB).
 PAGE_SIZE = 4 * 1024 * 1024

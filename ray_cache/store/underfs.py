@@ -1,7 +1,7 @@
 """Access to the under stores through fsspec: resolving, listing, versions, byte ranges.
 
 This is the only module that talks to S3, GCS, Azure or local files. Everything it
-raises has passed through :func:`ray_cache.errors.translate`.
+raises has passed through :func:`ray_cache.store.errors.translate`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import fsspec
 from fsspec.core import split_protocol
 
-from .errors import raise_translated
-from .keys import StoreObject
+from ray_cache.store.errors import raise_translated
+from ray_cache.store.keys import StoreObject
 
 PathLike = Union[str, os.PathLike]
 
