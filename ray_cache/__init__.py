@@ -22,6 +22,7 @@ from ray_cache.api import (
     status,
     unpin,
 )
+from ray_cache.cluster.forks import RayForkedError
 from ray_cache.store.errors import CacheError, NotParquetError, ObjectChangedError, PinCapacityError
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "invalidate",
     "configure",
     "CacheStatus",
+    "RayForkedError",
     "PinCapacityError",
     "CacheError",
     "NotParquetError",

@@ -64,8 +64,10 @@ def start(
     >>> import ray_cache
     >>> workers = ray_cache.start(memory_bytes=2 << 30, disk_bytes=20 << 30)  # doctest: +SKIP
     """
-    return membership.start(memory_bytes=memory_bytes, disk_bytes=disk_bytes, disk_dir=disk_dir,
-                         nodes=nodes, policy=policy)
+    workers = membership.start(memory_bytes=memory_bytes, disk_bytes=disk_bytes,
+                               disk_dir=disk_dir, nodes=nodes, policy=policy)
+    _forget_workers()
+    return workers
 
 
 def shutdown() -> int:
@@ -81,7 +83,18 @@ def shutdown() -> int:
     """
     if not ray.is_initialized():
         return 0
-    return membership.stop_workers()
+    try:
+        return membership.stop_workers()
+    finally:
+        _forget_workers()
+
+
+def _forget_workers() -> None:
+    # This process's page reader must not route to (or let a forked child map) the
+    # workers it knew before: they were just replaced.
+    from ray_cache.files import pages
+
+    pages.reader().forget_workers()
 
 
 def read_parquet(

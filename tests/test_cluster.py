@@ -6,6 +6,7 @@ their share of keys, node loss and worker death mid-read, single flight.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -183,3 +184,71 @@ def test_single_flight_one_fetch_for_many_readers(cache, s3_server, s3fs_direct,
     assert all(t.equals(tables[0]) for t in tables)
     assert all(i[0] == "ok" for i in items)
     assert len(gets) == 1, f"{len(gets)} fetches of one cold unit"
+
+
+def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    """A training process on a cache node (a Ray task, as a Ray Train worker is) whose
+    DataLoader forks its workers: pages owned by this node's worker and by the other
+    node's are read through the cache (cold: filled once; warm: 0 data GETs)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ray_cache.cluster import hashing
+    from ray_cache.files.fs import CacheFileSystem
+    from ray_cache.files.pagebuf import PAGE_SIZE, page_requests
+    from ray_cache.store.underfs import object_of
+
+    _fresh_cache(tmp_path)
+    rng = np.random.default_rng(3)
+    paths = [f"{prefix}/img/{i:03d}.bin" for i in range(24)]
+    blobs = [rng.integers(0, 256, 30_000, dtype=np.uint8).tobytes() for _ in paths]
+    s3fs_direct.pipe(dict(zip(paths, blobs)))
+    rfs = CacheFileSystem(fs=s3fs_proxied, skip_instance_cache=True)
+    workers = membership.live_workers()
+    names = [w.name for w in workers]
+    here = sorted(_gpu_node_ids())[0]
+    owners = {names[hashing.owner(page_requests(object_of(s3fs_direct, s3fs_direct.info(p), "s3", p),
+                                                0, 1, PAGE_SIZE)[0].key.digest, names)]
+              for p in paths}
+    assert owners == set(names), "pages owned by both nodes' workers"
+
+    @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+    def epoch(fs, paths):
+        import os
+
+        import torch
+
+        class Files(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(paths)
+
+            def __getitem__(self, i):
+                from ray_cache.files import pages
+
+                fs.info(paths[i])
+                return fs.cat_file(paths[i]), pages.reader().stats(), os.getpid()
+
+        last, got = {}, []
+        for data, stats, pid in torch.utils.data.DataLoader(Files(), batch_size=None, num_workers=2, timeout=120):
+            last[pid] = stats
+            got.append(bytes(data))
+        assert os.getpid() not in last
+        return got, {k: sum(s[k] for s in last.values()) for k in ("channel_pages", "direct_pages",
+                                                                    "fallback_pages", "mapped_pages")}
+
+    proxy.reset()
+    got, cold = ray.get(epoch.remote(rfs, paths), timeout=300)
+    assert got == blobs
+    assert cold["direct_pages"] == 0 and cold["fallback_pages"] == 0
+    assert cold["channel_pages"] == len(paths), "every cold page through the node's worker"
+    assert len(data_gets(proxy)) == len(paths), "and fetched once, by its owner"
+    ray.get([w.handle.flush.remote() for w in workers], timeout=60)
+    for _ in range(2):
+        proxy.reset()
+        got, warm = ray.get(epoch.remote(rfs, paths), timeout=300)
+        assert got == blobs
+        assert warm["direct_pages"] == 0 and warm["fallback_pages"] == 0
+        assert data_gets(proxy) == [], "pages on this node (mapped) and on the other (relayed)"
+        assert warm["channel_pages"] >= sum(o != f"worker-{here}" for o in [
+            names[hashing.owner(page_requests(object_of(s3fs_direct, s3fs_direct.info(p), "s3", p),
+                                              0, 1, PAGE_SIZE)[0].key.digest, names)] for p in paths])

@@ -121,6 +121,7 @@ def test_pages_survive_a_worker_restart_on_its_disk_tier(cache, s3fs_direct, s3f
     ray_cache.start(memory_bytes=256 << 20, disk_bytes=256 << 20, disk_dir=str(cache))
     reader = pages.reader()
     reader.clear()
+    ray.get(reader.flush_touches(), timeout=60)  # reports of earlier mapped reads: counted now
     proxy.reset()
     reader.short_circuit = False  # through the worker, which reads its disk tier
     try:
@@ -133,9 +134,10 @@ def test_pages_survive_a_worker_restart_on_its_disk_tier(cache, s3fs_direct, s3f
     mapped = reader.stats()["mapped_pages"]
     assert rfs.cat_file(path) == data
     assert reader.stats()["mapped_pages"] == mapped + 2
-    assert data_gets(proxy) == [] and ray_cache.stats()["disk_hits"] == 2
-    # The owner learns of the mapped reads (its hit counters and disk-tier recency).
-    assert sum(ray.get(reader.flush_touches(), timeout=60)) == 2
+    assert data_gets(proxy) == []
+    # The owner learns of the mapped reads (its hit counters and disk-tier recency): a
+    # report may already have gone out on its own (once a second); flushing sends the rest.
+    ray.get(reader.flush_touches(), timeout=60)
     assert ray_cache.stats()["disk_hits"] == 4
 
 

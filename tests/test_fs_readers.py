@@ -20,6 +20,7 @@ import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from conftest import data_gets, make_table, read_all, write_dataset
+import ray_cache
 from ray_cache.files import pages
 from ray_cache.cluster.membership import live_workers
 from ray_cache.files.fs import CacheFileSystem
@@ -60,7 +61,8 @@ def test_pyarrow_dataset_with_a_filter(rfs, s3fs_direct, proxy, prefix):
 
 
 class Blobs(torch.utils.data.Dataset):
-    """Image-sized blobs, one file each, read through the filesystem given."""
+    """Image-sized blobs, one file each, read through the filesystem given (with a stat and
+    a listing per item, as dataset code does)."""
 
     def __init__(self, fs, paths):
         self.fs, self.paths = fs, paths
@@ -69,7 +71,12 @@ class Blobs(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        data = self.fs.cat_file(self.paths[i])
+        path = self.paths[i]
+        size = self.fs.info(path)["size"]
+        listed = path in self.fs.ls(path.rsplit("/", 1)[0], detail=False)
+        with self.fs.open(path, "rb") as f:
+            data = f.read()
+        assert size == len(data) and listed
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), pages.reader().stats(), os.getpid()
 
 
@@ -81,43 +88,85 @@ def _blobs(fs_direct, prefix, n=16, size=48_000):
     return paths, blobs
 
 
+def loader_epoch(fs, paths, blobs, workers=3, context=None):
+    """One epoch of a DataLoader; each worker's page counters after its last item, summed."""
+    items = list(torch.utils.data.DataLoader(Blobs(fs, paths), batch_size=None, num_workers=workers,
+                                             multiprocessing_context=context, timeout=120))
+    assert [bytes(t.numpy()) for t, _s, _p in items] == blobs
+    last: dict = {}
+    for _t, stats, pid in items:
+        last[pid] = stats
+    assert os.getpid() not in last
+    return {k: sum(s[k] for s in last.values()) for k in next(iter(last.values()))}
+
+
 def test_torch_dataloader_spawned_workers_read_through_the_cache(rfs, s3fs_direct, proxy, prefix):
     paths, blobs = _blobs(s3fs_direct, prefix)
     assert rfs.cat(paths) == dict(zip(paths, blobs))  # warm the cache in this process
     proxy.reset()
-    loader = torch.utils.data.DataLoader(Blobs(rfs, paths), batch_size=None, num_workers=2,
-                                         multiprocessing_context="spawn")
-    items = list(loader)
-    assert [bytes(t.numpy()) for t, _s, _p in items] == blobs
-    assert len({pid for _t, _s, pid in items} - {os.getpid()}) == 2
-    assert all(stats["direct_pages"] == 0 for _t, stats, _p in items)
+    got = loader_epoch(rfs, paths, blobs, workers=2, context="spawn")
+    assert got["direct_pages"] == 0 and got["channel_pages"] == 0
     assert data_gets(proxy) == [], "spawned workers join the cluster and read warm pages"
 
 
-def test_torch_dataloader_forked_workers_map_the_disk_tier_or_read_the_store_counted(
-        rfs, s3fs_direct, proxy, prefix):
-    paths, blobs = _blobs(s3fs_direct, prefix)
-
-    def epoch():
-        proxy.reset()
-        items = list(torch.utils.data.DataLoader(Blobs(rfs, paths), batch_size=None, num_workers=2))
-        assert [bytes(t.numpy()) for t, _s, _p in items] == blobs
-        last: dict = {}
-        for _t, stats, pid in items:  # each worker's counters after its last item
-            last[pid] = stats
-        assert len(last) == 2 and os.getpid() not in last
-        return {k: sum(s[k] for s in last.values()) for k in ("direct_pages", "mapped_pages")}
-
+def test_torch_dataloader_forked_workers_fill_the_cache_then_read_it(rfs, s3fs_direct, proxy, prefix):
+    paths, blobs = _blobs(s3fs_direct, prefix, n=24)
     rfs.info(paths[0])  # Ray is in use in this process before the fork
-    cold = epoch()  # Ray is unusable in a forked child: nothing cached yet, so the store
-    assert cold["direct_pages"] == len(paths), "every page read from the store is counted"
-    assert len(data_gets(proxy)) == len(paths)
+    proxy.reset()
+    cold = loader_epoch(rfs, paths, blobs)  # the default context on Linux: fork
+    assert cold["direct_pages"] == 0, "forked workers read through the node's worker, not the store"
+    assert cold["channel_pages"] == len(paths), cold
+    assert len(data_gets(proxy)) == len(paths), "each page fetched once, by its owner"
+    assert ray_cache.stats()["misses"] >= len(paths)
+    for _epoch in range(3):  # warm: from the owner's memory (channel) or disk (mapped)
+        proxy.reset()
+        warm = loader_epoch(rfs, paths, blobs)
+        assert warm["direct_pages"] == 0 and warm["fallback_pages"] == 0
+        assert warm["channel_pages"] + warm["mapped_pages"] == len(paths)
+        assert data_gets(proxy) == []
 
-    assert rfs.cat(paths) == dict(zip(paths, blobs))  # cached through the workers here
-    ray.get([w.handle.flush.remote() for w in live_workers()])  # their disk writes are done
-    warm = epoch()  # forked children map this node's disk tier: no Ray, no store
-    assert warm == {"direct_pages": 0, "mapped_pages": len(paths)}
+
+def test_forked_workers_read_pages_held_in_memory_or_only_on_disk(rfs, s3fs_direct, proxy, prefix, monkeypatch):
+    paths, blobs = _blobs(s3fs_direct, prefix)
+    assert rfs.cat(paths) == dict(zip(paths, blobs))
+    ray.get([w.handle.flush.remote() for w in live_workers()], timeout=60)
+    before = ray_cache.stats()
+    proxy.reset()
+    monkeypatch.setenv("RAY_CACHE_SHORT_CIRCUIT", "0")  # children may not map the disk tier
+    got = loader_epoch(rfs, paths, blobs)
+    assert got["channel_pages"] == len(paths) and got["mapped_pages"] == 0
+    assert ray_cache.stats()["memory_hits"] - before["memory_hits"] == len(paths)
     assert data_gets(proxy) == []
+    ray_cache.configure(memory_bytes=1)  # memory tier emptied: pages only on disk
+    before = ray_cache.stats()
+    got = loader_epoch(rfs, paths, blobs)
+    assert got["channel_pages"] == len(paths)
+    assert ray_cache.stats()["disk_hits"] - before["disk_hits"] == len(paths)
+    monkeypatch.delenv("RAY_CACHE_SHORT_CIRCUIT")
+    got = loader_epoch(rfs, paths, blobs)  # mapped straight from the worker's disk tier
+    assert got["mapped_pages"] == len(paths) and got["channel_pages"] == 0
+    assert data_gets(proxy) == []
+
+
+def _forked(fn, *args):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply_async(fn, args).get(timeout=60)
+
+
+def _stats_in_child():
+    try:
+        ray_cache.stats()
+    except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def test_a_ray_call_in_a_forked_child_fails_at_once_naming_the_remedy(rfs):
+    rfs.info  # noqa: B018 - this process uses Ray
+    name, message = _forked(_stats_in_child)
+    assert name == "RayForkedError" and "spawn" in message
 
 
 def test_ray_data_read_parquet_and_binary_files(rfs, s3fs_direct, proxy, prefix):

@@ -138,11 +138,16 @@ def test_invalidate_makes_the_next_read_refetch(cache, s3fs_direct, s3fs_proxied
 
 def test_ttl_expires_loaded_entries(cache, s3fs_direct, s3fs_proxied, proxy, prefix):
     write_dataset(s3fs_direct, prefix, files=1)
-    ray_cache.load(f"s3://{prefix}/", filesystem=s3fs_proxied, ttl=1.0)
+    # Within the TTL: served from the cache. (A long TTL, so a slow machine cannot let it
+    # pass between the load and the read.)
+    ray_cache.load(f"s3://{prefix}/", filesystem=s3fs_proxied, ttl=600.0)
     proxy.reset()
     _read(prefix, s3fs_proxied)
     assert data_gets(proxy) == []
-    time.sleep(1.2)  # the behaviour under test is the passage of time itself
+    # Past it: fetched again. The same entries, re-loaded with a short TTL that has passed
+    # for certain when the read starts.
+    ray_cache.load(f"s3://{prefix}/", filesystem=s3fs_proxied, ttl=0.5)
+    time.sleep(0.6)  # the behaviour under test is the passage of time itself
     proxy.reset()
     _read(prefix, s3fs_proxied)
     assert len(data_gets(proxy)) > 0

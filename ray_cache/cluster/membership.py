@@ -14,7 +14,11 @@ from typing import Any, Dict, List, Optional
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ray_cache.cluster import forks
+from ray.exceptions import GetTimeoutError
+
 from ray_cache.config import (
+    WORKER_TIMEOUT_S,
     MEMORY_FRACTION,
     NAMESPACE,
     WorkerConfig,
@@ -128,13 +132,18 @@ def ensure_workers(
         elif resize and (memory_bytes or disk_bytes):
             created.append(handle.configure.remote(memory_bytes, disk_bytes))
         refs.append(WorkerRef(node_id, name, handle))
-    ray.get(created)
+    try:
+        ray.get(created, timeout=WORKER_TIMEOUT_S)
+    except GetTimeoutError:
+        raise TimeoutError(f"cache workers did not start in {WORKER_TIMEOUT_S:g} s on "
+                           f"{len(created)} node(s); see `ray status` for what they wait on") from None
     return refs
 
 
 def live_workers(alive: Optional[List[Dict[str, Any]]] = None) -> List[WorkerRef]:
     """Workers on alive nodes (``alive``: :func:`alive_nodes`, if known), found by name
     (no process-local registry)."""
+    forks.check_ray_usable("ray_cache's list of workers")
     out = []
     alive_ids = {n["NodeID"] for n in (alive_nodes() if alive is None else alive)}
     for info in ray.util.list_named_actors(all_namespaces=True):
@@ -178,7 +187,12 @@ def stop_workers(timeout_s: float = 60.0) -> int:
 
 
 def ensure_ray() -> None:
-    """Connect to Ray, or start a local Ray (without its dashboard) if none is running."""
+    """Connect to Ray, or start a local Ray (without its dashboard) if none is running.
+
+    Raises :class:`ray_cache.cluster.forks.RayForkedError` at once in a process forked from
+    one running Ray, where any Ray call would hang.
+    """
+    forks.check_ray_usable("this ray_cache call")
     if not ray.is_initialized():
         # No dashboard: nothing should listen on a port the user did not ask for.
         ray.init(logging_level=logging.WARNING, include_dashboard=False)

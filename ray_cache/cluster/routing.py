@@ -24,6 +24,7 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
+from ray_cache.node.calls import next_item
 from ray_cache.store import fetch
 from ray_cache.cluster import hashing
 from ray_cache.cluster.membership import WorkerRef
@@ -98,18 +99,6 @@ def _direct_footer(fs: Any, obj: StoreObject) -> Any:
         return fetch.read_footer(fs, obj)
     except Exception as exc:  # noqa: BLE001 - raised by the caller, like a worker's answer
         return exc
-
-
-def next_item(stream: Any) -> Any:
-    # ``next()`` on a streaming generator has no timeout; a hung (not dead) worker must
-    # not hang the reader, so use the bounded wait where this Ray has it.
-    next_sync = getattr(stream, "_next_sync", None)
-    if next_sync is None:  # pragma: no cover - older/newer Ray
-        return next(stream)
-    ref = next_sync(timeout_s=WORKER_TIMEOUT_S)
-    if ref.is_nil():
-        raise GetTimeoutError(f"no answer from a cache worker in {WORKER_TIMEOUT_S} s")
-    return ref
 
 
 #: What :func:`ask_owners` yields for a request: ``(owner index, answer)``, where the

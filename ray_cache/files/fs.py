@@ -65,12 +65,13 @@ import ray
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import AbstractFileSystem, make_instance
 
+from ray_cache.cluster import forks
 from ray_cache.files import pages
 from ray_cache.files.file import CachedFile
 from ray_cache.files.meta import MetadataCache
 from ray_cache.store.errors import ObjectChangedError, raise_translated
 from ray_cache.store.keys import StoreObject
-from ray_cache.store.underfs import object_of, protocol_of, refresh
+from ray_cache.store.underfs import bounded_call, object_of, protocol_of, refresh
 
 #: Default seconds that ``info``/``ls``/``find`` answers are reused (``metadata_ttl=``).
 METADATA_TTL_S = 5.0
@@ -98,7 +99,7 @@ def _target_from_protocol(protocol: str, options: Dict[str, Any]) -> AbstractFil
 
 
 def _ray_address() -> Optional[str]:
-    if pages._RAY_FORKED or not ray.is_initialized():
+    if forks.ray_forked() or not ray.is_initialized():
         return None
     try:
         return ray.get_runtime_context().gcs_address
@@ -174,6 +175,10 @@ class CacheFileSystem(ChainedFileSystem):
         self._target, self._pid = fs, os.getpid()
         self._meta = MetadataCache(self.metadata_ttl)
         self._strip_protocol: Callable[[Any], Any] = self._strip  # type: ignore[method-assign]
+        if ray.is_initialized() and not forks.ray_forked():
+            # Learn where this node's workers are now, so that a child forked later (a
+            # DataLoader worker, which cannot use Ray) knows their disk slots and channels.
+            pages.reader().workers()
 
     @classmethod
     def protocol_names(cls) -> Tuple[str, ...]:
@@ -223,7 +228,7 @@ class CacheFileSystem(ChainedFileSystem):
         target = self.target
         refresh(target, path)  # the TTL here replaces the target's own listings cache
         try:
-            return getattr(target, method)(path, *args, **kwargs)
+            return bounded_call(target, method, path, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - one error table for every store
             raise_translated(exc, path)
 

@@ -8,20 +8,7 @@ picks, and served from that worker's memory tier, else its disk tier, else fetch
 the store once (one ranged GET, then a version check) and kept. Pages share capacity and
 eviction with the Arrow batches: they live in the same ``LocalCache``.
 
-Page size: 4 MiB
-----------------
-- Per-page costs (one actor round trip, one object in the object store, one file in the
-  disk tier, one GET and one HEAD on a miss) are paid once per 4 MiB: at the few hundred
-  MB/s one store connection delivers, ~1 ms of per-page overhead is ~10% of a page's
-  transfer time (it would be ~40% with 1 MiB pages).
-- Stores want large ranged GETs (S3: ~5 Gbit/s per connection, 8-16 MB ranges for full
-  throughput); the worker fetches the pages of one read in parallel, so a large read
-  issues several 4 MiB GETs at once.
-- The price is read amplification on a cold random read: a 64 KiB read fetches up to two
-  pages (8 MiB). For image-sized files (< 4 MiB) one page is the whole file. JuiceFS uses
-  4 MiB blocks for the same reasons; Alluxio's 1 MB pages cost four times the per-page
-  overhead. ``CacheFileSystem(page_size=...)`` changes it (keys include the size, so
-  filesystems with different sizes never share or confuse pages).
+Why pages are 4 MiB: :mod:`ray_cache.files.pagebuf`.
 
 Where a page comes from (cheapest first)
 ----------------------------------------
@@ -43,7 +30,7 @@ Where a page comes from (cheapest first)
 3. The owner, through Ray (``get_many``): its memory tier (object-store memory, mapped
    without a copy on this node), else its disk tier, else one fetch from the store.
 4. The store itself, when the owner is gone (counted as ``fallback_pages`` and reported to
-   a surviving worker) or where Ray cannot be used (see below).
+   a surviving worker) or, in a forked process, where no worker runs on this node.
 
 This process's reader
 ---------------------
@@ -51,21 +38,7 @@ This process's reader
 to the running cache from this process. It knows the workers (refreshed every
 :data:`WORKERS_TTL_S` seconds, or at once when one is gone) and holds the buffers above.
 
-Which process can use Ray
--------------------------
-- A Ray driver, task or actor: Ray as it is.
-- A process without Ray (a script, a ``spawn``/``forkserver`` DataLoader worker, a Spark
-  executor): it connects to the cluster whose address was recorded when the filesystem
-  was pickled (:meth:`PageReader.remember_address`), else goes through
-  ``ray_cache.cluster.membership.workers()``, which starts a local Ray and a worker if none is running.
-- A process **forked** from one where Ray was initialized (PyTorch ``DataLoader`` workers
-  with the default ``fork`` context on Linux): Ray's core worker does not survive
-  ``fork`` (calls hang), so that process does not use Ray. Pages in this node's disk tier
-  are still mapped directly (step 2, with the layout known before the fork); every other
-  page is read **straight from the store** with the same version-checked code
-  (:func:`ray_cache.store.fetch.read_page`), counted in :meth:`PageReader.stats`
-  (``direct_pages``, ``direct_bytes``), with a warning naming the remedy
-  (``multiprocessing_context="forkserver"`` or ``"spawn"``) logged once per process.
+Which processes can use Ray, and how the others read: :mod:`ray_cache.files.local`.
 
 Thread safety: :class:`PageReader` and :class:`PageBuffers` may be used from many
 threads at once.
@@ -91,17 +64,19 @@ from ray_cache.files.pagebuf import (  # noqa: F401 - re-exported: the page part
     PageBuffers,
     assemble,
     clamp,
+    cut,
     map_page,
     page_buffer,
     page_requests,
 )
 from ray_cache.cluster.routing import WORKER_GONE, ask_owners, report_fallback, warn_once
-from ray_cache.cluster import membership
+from ray_cache.cluster import forks, membership
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.store.errors import ObjectChangedError, translate
 from ray_cache.store.fetch import PageRequest
 from ray_cache.store.keys import StoreObject
+from ray_cache.files.local import LocalChannels, local_slots
 
 log = logging.getLogger("ray_cache.files.pages")
 
@@ -142,8 +117,9 @@ class PageReader:
         self._buffer_hits = 0
         self._touches: Dict[int, List[str]] = {}
         self._touched_at = time.monotonic()
+        self._touch_calls: List[Any] = []  # reports sent and maybe not yet applied
         self._map_retry: Dict[str, float] = {}  # digest -> when to look for its file again
-        self._warned_fork = False
+        self.channels = LocalChannels()
         #: Map pages of this node's disk tier directly (step 2); False: always ask the owner.
         self.short_circuit = os.environ.get("RAY_CACHE_SHORT_CIRCUIT", "1") != "0"
 
@@ -152,6 +128,12 @@ class PageReader:
         self.buffers.clear()
         self.mapped.clear()
         self._map_retry.clear()
+
+    def forget_workers(self) -> None:
+        """Ask Ray for the workers (and this node's slots) again at the next read."""
+        self.flush_touches()
+        with self._refresh_lock:
+            self._workers, self._workers_at, self.layout = None, 0.0, None
 
     # -- counters ----------------------------------------------------------------------
     def _count(self, **deltas: int) -> None:
@@ -172,8 +154,10 @@ class PageReader:
 
         ``buffer_hits`` (pages served from this process's buffers), ``mapped_pages``
         (mapped from this node's disk tier), ``worker_pages``/``worker_bytes`` (answered
-        by workers through Ray), ``direct_pages``/``direct_bytes`` (read from the store
-        here because Ray is unusable in this forked process) and ``fallback_pages`` (read
+        by workers through Ray), ``channel_pages``/``channel_bytes`` (answered by this
+        node's workers through their channels, in a forked process without Ray),
+        ``direct_pages``/``direct_bytes`` (read from the store here: a forked process on a
+        node without a worker) and ``fallback_pages`` (read
         from the store here because a worker was gone; also reported to a surviving
         worker, so ``ray_cache.stats()`` shows them). ``buffer_hits`` is counted without a
         lock (it is on every warm read), so concurrent threads may rarely lose a count.
@@ -181,7 +165,8 @@ class PageReader:
         with self._lock:
             out = dict(self._counters, buffer_hits=self._buffer_hits)
         for name in ("buffer_hits", "mapped_pages", "worker_pages", "worker_bytes",
-                     "direct_pages", "direct_bytes", "fallback_pages"):
+                     "channel_pages", "channel_bytes", "direct_pages", "direct_bytes",
+                     "fallback_pages"):
             out.setdefault(name, 0)
         return out
 
@@ -193,16 +178,7 @@ class PageReader:
 
     def workers(self, refresh: bool = False) -> Optional[List[WorkerRef]]:
         """The live workers, or None where Ray cannot be used (a forked process)."""
-        if _RAY_FORKED:
-            if not self._warned_fork:
-                self._warned_fork = True
-                log.warning(
-                    "ray_cache: process %d was forked from a process running Ray, where Ray "
-                    "cannot be used; pages not in this node's disk tier are read straight from "
-                    "the store (counted in ray_cache.files.pages.reader().stats()['direct_pages']). "
-                    "Use a 'forkserver' or 'spawn' multiprocessing context "
-                    "(DataLoader(multiprocessing_context=...)) to read through the cache.",
-                    os.getpid())
+        if forks.ray_forked():
             return None
         with self._refresh_lock:
             fresh = time.monotonic() - self._workers_at < WORKERS_TTL_S
@@ -217,7 +193,7 @@ class PageReader:
                                 "one as ray_cache.start() does", self._address, exc)
             workers = membership.workers()
             self.flush_touches()  # indexes in the old list of workers
-            self.layout = Layout([w.name for w in workers], _local_slots(workers))
+            self.layout = Layout([w.name for w in workers], local_slots(workers))
             self._workers, self._workers_at = workers, time.monotonic()
             return workers
 
@@ -241,7 +217,7 @@ class PageReader:
         self._buffer_hits += len(bufs)
         rest = plan[len(bufs):]  # from the first page this process does not hold
         got = self.read_pages(fs, rest)
-        out = _cut(plan, bufs + [got[r.key.digest] for r in rest], start, end)
+        out = cut(plan, bufs + [got[r.key.digest] for r in rest], start, end)
         if isinstance(out, BaseException):
             raise out
         return out
@@ -251,7 +227,7 @@ class PageReader:
         """Bytes (or the exception) for each ``(obj, start, end)``, pages fetched together."""
         plans = [page_requests(obj, s, e, page_size) for obj, s, e in items]
         got = self.read_pages(fs, [r for plan in plans for r in plan])
-        return [_cut(plan, [got[r.key.digest] for r in plan], s, e)
+        return [cut(plan, [got[r.key.digest] for r in plan], s, e)
                 for (_obj, s, e), plan in zip(items, plans)]
 
     def read_pages(self, fs: Any, reqs: Sequence[PageRequest]) -> Dict[str, PageResult]:
@@ -270,7 +246,7 @@ class PageReader:
                 todo[d] = r
         if hits:
             self._buffer_hits += hits
-        if self.layout is None and todo and not _RAY_FORKED:
+        if self.layout is None and todo and not forks.ray_forked():
             self.workers()  # learn the layout before trying the disk tier
         for d, r in list(todo.items()):
             buf = self._map(r)
@@ -320,7 +296,7 @@ class PageReader:
 
     def _touch(self, layout: Layout, digest: str) -> None:
         # Report mapped reads to the owner now and then: its recency and hit counters.
-        if self._workers is None or _RAY_FORKED:
+        if self._workers is None and not forks.ray_forked():
             return
         o = hashing.owner(digest, layout.names)
         with self._lock:
@@ -334,13 +310,21 @@ class PageReader:
         """Report the pages this process mapped from disk since the last report to their
         owners now (it happens on its own every :data:`TOUCH_BATCH` pages or
         :data:`TOUCH_EVERY_S` seconds). Bookkeeping only: reads never wait on it.
-        Returns the calls' ``ObjectRef`` s, for a caller that wants to wait."""
+        Returns the ``ObjectRef`` s of every report not yet known to be applied (this
+        call's and earlier ones'), so a caller that waits on them sees every mapped read
+        counted by the owners."""
         workers = self._workers
         with self._lock:
             batches, self._touches = self._touches, {}
             self._touched_at = time.monotonic()
         calls: List[Any] = []
-        if workers is None or _RAY_FORKED:
+        if forks.ray_forked():  # through the channel of the worker whose disk was mapped
+            layout = self.layout
+            for o, batch in batches.items():
+                if batch and layout is not None and o in layout.slots:
+                    self.channels.touch(layout.slots[o], batch)
+            return calls
+        if workers is None:
             return calls
         for o, batch in batches.items():
             if batch and o < len(workers):
@@ -348,12 +332,17 @@ class PageReader:
                     calls.append(workers[o].handle.touch.remote(batch))
                 except Exception:  # noqa: BLE001 - bookkeeping only; reads do not depend on it
                     pass
-        return calls
+        with self._lock:  # reports sent on their own earlier and maybe not yet applied
+            pending = self._touch_calls
+            if pending:
+                _done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            self._touch_calls = pending + calls
+            return list(self._touch_calls)
 
     def _fetch(self, fs: Any, reqs: List[PageRequest]) -> Dict[str, PageResult]:
         workers = self.workers()
         if workers is None:
-            return {r.key.digest: self._direct(fs, r, "direct") for r in reqs}
+            return self._from_channels(fs, reqs)
         got, _ = self._from_workers(fs, reqs, workers)
         gone = [r for r in reqs if got[r.key.digest] is _GONE]
         if gone:  # a worker died or was replaced (same name, new actor): ask Ray again
@@ -386,6 +375,10 @@ class PageReader:
                 out[r.key.digest] = _GONE
         return out, {workers[o].name: exc for o, exc in gone.items()}
 
+    def _from_channels(self, fs: Any, reqs: List[PageRequest]) -> Dict[str, PageResult]:
+        """Pages for a process without Ray, through this node's workers' channels."""
+        return self.channels.read(self, fs, reqs)
+
     def _take(self, item: Any, req: PageRequest) -> PageResult:
         if item[0] == "err":
             return item[1]
@@ -411,37 +404,9 @@ class PageReader:
         return buf
 
 
-def _cut(plan: Sequence[PageRequest], results: Sequence[PageResult], start: int,
-         end: int) -> Union[bytes, BaseException]:
-    """Bytes ``[start, end)`` from the pages' results, or the first page's exception."""
-    err = next((r for r in results if isinstance(r, BaseException)), None)
-    return err if err is not None else assemble(plan, results, start, end)  # type: ignore[arg-type]
-
-
-def _local_slots(workers: Sequence[WorkerRef]) -> Dict[int, str]:
-    """Disk-tier slots of the workers on this node, by index (none where unreadable)."""
-    try:
-        here = ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - no node, no local workers
-        return {}
-    local = [(i, w) for i, w in enumerate(workers) if w.node_id == here]
-    calls = [(i, w.handle.status.remote()) for i, w in local]
-    slots: Dict[int, str] = {}
-    for i, call in calls:
-        try:
-            slot = ray.get(call, timeout=WORKER_TIMEOUT_S).get("disk_dir")
-        except Exception:  # noqa: BLE001 - that worker is read through Ray, or not at all
-            continue
-        if slot and os.access(slot, os.R_OK | os.X_OK):
-            slots[i] = slot
-    return slots
-
-
 # -- this process's reader ------------------------------------------------------------------
 _READER: Optional[PageReader] = None
 _READER_LOCK = threading.Lock()
-#: True in a process forked from one that had Ray initialized: Ray is unusable here.
-_RAY_FORKED = False
 #: Readers inherited through fork: never released here, as releasing their object-store
 #: buffers would call into the parent's (dead in this process) Ray core worker.
 _INHERITED: List[PageReader] = []
@@ -467,8 +432,7 @@ def reader() -> PageReader:
 
 
 def _after_fork_in_child() -> None:
-    global _READER, _READER_LOCK, _RAY_FORKED
-    _RAY_FORKED = _RAY_FORKED or ray.is_initialized()
+    global _READER, _READER_LOCK
     layout = None
     if _READER is not None:
         _INHERITED.append(_READER)
@@ -477,5 +441,4 @@ def _after_fork_in_child() -> None:
     _READER_LOCK = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.after_fork(_after_fork_in_child)

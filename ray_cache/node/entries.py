@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import pyarrow as pa
 import ray
 
-from ray_cache.config import COUNTERS, WorkerConfig  # noqa: F401 - COUNTERS: ray_cache.entries.COUNTERS
+from ray_cache.config import COUNTERS, WORKER_TIMEOUT_S, WorkerConfig  # noqa: F401 - COUNTERS: ray_cache.entries.COUNTERS
 from ray_cache.store.errors import PinCapacityError  # noqa: F401 - also ray_cache.entries.PinCapacityError
 from ray_cache.store.keys import EntryKey
 from ray_cache.node.tiers.disk import DiskTier
@@ -146,7 +146,7 @@ class LocalCache:
                 fut = self._inflight[digest] = Future()
         if not leader:
             self.count(single_flight_waits=1)
-            ref, nbytes, _tier = fut.result()
+            ref, nbytes, _tier = fut.result(timeout=2 * WORKER_TIMEOUT_S)  # the leader's fetch
             return ref, nbytes, "memory"
         try:
             value = fill()
@@ -182,7 +182,7 @@ class LocalCache:
         with self._lock:
             pending = list(self._pending)
         for fut in pending:
-            fut.exception()
+            fut.exception(timeout=WORKER_TIMEOUT_S)  # a disk write; bounded like any wait
         return len(pending)
 
     # -- management by path ----------------------------------------------------------

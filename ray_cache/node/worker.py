@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -23,12 +24,15 @@ import pyarrow.parquet as pq
 import ray
 
 from ray_cache.store import fetch, parquet
-from ray_cache.config import WorkerConfig, default_disk_bytes, validate_disk_dir
+from ray_cache.config import NAMESPACE, WORKER_TIMEOUT_S, WorkerConfig, default_disk_bytes, validate_disk_dir
 from ray_cache.node.entries import LocalCache
 from ray_cache.store.errors import translate
 from ray_cache.store.fetch import PageRequest, UnitRequest
 from ray_cache.store.keys import StoreObject
+from ray_cache.node.calls import next_item
+from ray_cache.node.channel import ChannelServer, channel_path
 from ray_cache.node.metrics import WorkerMetrics
+from ray_cache.node.pageentry import page_buffer, page_table
 
 log = logging.getLogger("ray_cache.node.worker")
 
@@ -36,10 +40,6 @@ log = logging.getLogger("ray_cache.node.worker")
 _META_CACHE_ITEMS = 4096
 
 Request = Union[UnitRequest, PageRequest]
-
-
-def _bytes_table(data: bytes) -> pa.Table:
-    return pa.table({"bytes": pa.array([data], pa.large_binary())})
 
 
 class CacheWorker:
@@ -63,7 +63,14 @@ class CacheWorker:
         self._lock = threading.Lock()
         self.started_at = time.time()
         self._stop = threading.Event()
+        self._peers: Dict[str, Any] = {}
         threading.Thread(target=self._export_loop, name="ray-cache-metrics", daemon=True).start()
+        self.channel: Optional[ChannelServer] = None
+        try:  # for this node's processes that cannot use Ray (forked readers)
+            self.channel = ChannelServer(channel_path(self.cache.disk.slot), self.channel_request)
+        except OSError as exc:
+            log.warning("ray_cache: no same-node channel (%s); forked readers on this node "
+                        "will read the store directly", exc)
 
     def _export_loop(self, period_s: float = 5.0) -> None:
         # Metrics are pushed on a timer so dashboards move even when nobody asks status().
@@ -104,6 +111,7 @@ class CacheWorker:
             pid=os.getpid(),
             disk_dir=self.cache.disk.slot,
             uptime_s=time.time() - self.started_at,
+            channel=self.channel.path if self.channel is not None else None,
             **self.cache.status(),
         )
         self.metrics.export(record)
@@ -167,7 +175,7 @@ class CacheWorker:
         out: List[Any] = []
         for obj, fut in zip(objects, futures):
             try:
-                out.append(fut.result())
+                out.append(fut.result(timeout=WORKER_TIMEOUT_S))
             except Exception as exc:  # noqa: BLE001 - handed to the caller to raise
                 out.append(translate(exc, obj.url))
         return out
@@ -175,8 +183,8 @@ class CacheWorker:
     def _footer(self, fs: Any, obj: StoreObject) -> bytes:
         key = fetch.footer_key(obj)
         ref, _n, _tier = self.cache.get_or_load(
-            key, lambda: _bytes_table(fetch.read_footer(fs, obj, self._count_store)))
-        return ray.get(ref).column(0)[0].as_py()
+            key, lambda: page_table(fetch.read_footer(fs, obj, self._count_store)))
+        return ray.get(ref, timeout=WORKER_TIMEOUT_S).column(0)[0].as_py()
 
     def get_many(self, fs: Any, requests: Sequence[Request]) -> Iterator[Tuple]:
         """Stream one result per request, in order, fetching misses in parallel.
@@ -187,7 +195,7 @@ class CacheWorker:
         futures = [self._pool.submit(self._serve, fs, req) for req in requests]
         for req, fut in zip(requests, futures):
             try:
-                ref, nbytes, tier = fut.result()
+                ref, nbytes, tier = fut.result(timeout=WORKER_TIMEOUT_S)
                 yield ("ok", [ref], nbytes, tier)
             except Exception as exc:  # noqa: BLE001 - handed to the reader to raise
                 self.cache.count(errors=1)
@@ -203,7 +211,7 @@ class CacheWorker:
     def _serve(self, fs: Any, req: Request):
         if isinstance(req, PageRequest):
             return self.cache.get_or_load(
-                req.key, lambda: _bytes_table(fetch.read_page(fs, req, self._count_store))
+                req.key, lambda: page_table(fetch.read_page(fs, req, self._count_store))
             )
 
         def load_unit() -> pa.Table:
@@ -211,6 +219,54 @@ class CacheWorker:
             return fetch.read_unit(fs, req, meta, self._count_store)
 
         return self.cache.get_or_load(req.key, load_unit)
+
+    # -- the same-node channel (ray_cache.node.channel) ------------------------------------
+    def channel_request(self, request: Tuple) -> Any:
+        """Answer one request of a process on this node that cannot use Ray.
+
+        - ``("pages", fs, [PageRequest])``: pages this worker owns, from its tiers or
+          fetched from the store (and so cached), as :meth:`get_many` serves them;
+        - ``("relay", owner, fs, [PageRequest])``: pages owned by the worker named ``owner``
+          (on another node, or another raylet), asked of it through Ray;
+        - ``("touch", digests)``: as :meth:`touch`.
+
+        Pages come back one item each: ``("ok", buffer)`` (an out-of-band pickle buffer
+        over the entry, no copy here), ``("err", exception)`` (the store's answer, e.g. a
+        missing object), or ``("gone", why)`` where the owner could not be reached (the
+        reader then reads that page from the store itself, counted as a fallback).
+        """
+        op = request[0]
+        if op == "pages":
+            _op, fs, reqs = request
+            return [self._channel_item(item) for item in self.get_many(fs, reqs)]
+        if op == "relay":
+            _op, owner, fs, reqs = request
+            return self._relay(owner, fs, reqs)
+        if op == "touch":
+            return self.touch(request[1])
+        raise ValueError(f"unknown channel request {op!r}; known: pages, relay, touch")
+
+    @staticmethod
+    def _channel_item(item: Tuple) -> Tuple[str, Any]:
+        if item[0] == "err":
+            return item
+        table = ray.get(item[1][0], timeout=WORKER_TIMEOUT_S)  # this node's store: no copy
+        return ("ok", pickle.PickleBuffer(page_buffer(table.column(0))))
+
+    def _relay(self, owner: str, fs: Any, reqs: Sequence[PageRequest]) -> List[Tuple[str, Any]]:
+        out: List[Tuple[str, Any]] = []
+        try:
+            peer = self._peers.get(owner)
+            if peer is None:
+                peer = self._peers[owner] = ray.get_actor(owner, namespace=NAMESPACE)
+            stream = peer.get_many.options(num_returns="streaming").remote(fs, list(reqs))
+            for _ in reqs:
+                out.append(self._channel_item(ray.get(next_item(stream), timeout=WORKER_TIMEOUT_S)))
+        except Exception as exc:  # noqa: BLE001 - owner gone or not answering: the reader reads the store
+            self._peers.pop(owner, None)
+            why = f"{owner}: {type(exc).__name__}"
+            out.extend(("gone", why) for _ in range(len(reqs) - len(out)))
+        return out
 
     # -- helpers -------------------------------------------------------------------
     def _count_store(self, requests: int, nbytes: int) -> None:

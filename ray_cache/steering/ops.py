@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ray
 
+from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.cluster import routing, membership, hashing
 from ray_cache.store import fetch, underfs
 from ray_cache.config import PAGE_SIZE
@@ -124,7 +125,7 @@ def run_load(p: Plan, *, progress: Optional[bool] = None, cancel: Optional[threa
             batch = reqs[i : i + BATCH]
             try:
                 stream = handle.load.options(num_returns="streaming").remote(p.fs, batch)
-                items = [ray.get(routing.next_item(stream)) for _ in batch]
+                items = [ray.get(routing.next_item(stream), timeout=WORKER_TIMEOUT_S) for _ in batch]
             except routing.WORKER_GONE as exc:
                 items = [("err", exc)] * len(batch)
             with lock:

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ray
 
+from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.cluster import routing, hashing
 from ray_cache.steering import ops
 from ray_cache.store.fetch import UnitRequest
@@ -120,7 +121,7 @@ class Prefetch(ops.BackgroundJob):
         handle = self._plan.workers[owner].handle
         try:
             stream = handle.load.options(num_returns="streaming").remote(self._plan.fs, [req])
-            item = ray.get(routing.next_item(stream))
+            item = ray.get(routing.next_item(stream), timeout=WORKER_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - reported; the reader meets it again or falls back
             item = ("err", exc)
         with self._lock:

@@ -10,6 +10,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem, FSTimeoutError, sync
 from fsspec.core import split_protocol
 
 from ray_cache.store.errors import raise_translated
@@ -104,6 +105,33 @@ def version_of(info: Dict[str, Any]) -> str:
 
 def _is_file(info: Dict[str, Any]) -> bool:
     return info.get("type") == "file"
+
+
+#: Longest a metadata call to the store may take before it raises ``TimeoutError``.
+STORE_CALL_TIMEOUT_S = 120.0
+
+
+def bounded_call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``getattr(fs, method)(*args, **kwargs)``, never waiting more than
+    :data:`STORE_CALL_TIMEOUT_S` on an asynchronous filesystem's event loop (s3fs, gcsfs,
+    adlfs): its own retries may otherwise add up, and a loop that cannot run (a process
+    forked at the wrong moment) would never answer. ``TimeoutError`` names the path.
+
+    Examples
+    --------
+    >>> import fsspec
+    >>> bounded_call(fsspec.filesystem("memory"), "exists", "/nothing/here")
+    False
+    """
+    coro = getattr(fs, "_" + method, None)
+    if not isinstance(fs, AsyncFileSystem) or fs.asynchronous or coro is None:
+        return getattr(fs, method)(*args, **kwargs)
+    try:
+        return sync(fs.loop, coro, *args, timeout=STORE_CALL_TIMEOUT_S, **kwargs)
+    except FSTimeoutError:
+        what = args[0] if args else "?"
+        raise TimeoutError(f"{what}: no answer from the store to {method} in "
+                           f"{STORE_CALL_TIMEOUT_S:g} s") from None
 
 
 def refresh(fs: fsspec.AbstractFileSystem, path: Optional[str]) -> None:
