@@ -1,4 +1,5 @@
-"""The same-node channel a forked reader uses to reach its node's cache worker (no Ray).
+"""The same-node channel a forked reader uses to reach its node's cache worker (no Ray), and the
+bounds on waits for a stalled worker or store.
 
 Real Unix sockets and real forked processes; the worker side is a ``ChannelServer`` with a
 handler standing in for ``CacheWorker.channel_request`` (the Ray-backed handler is
@@ -130,3 +131,23 @@ def test_a_forked_child_opens_its_own_connection(slot):
             assert pid != os.getpid() and answers == [("echo", pid, i) for i in range(200)]
     finally:
         server.close()
+
+
+def test_a_stalled_store_metadata_call_is_an_error_within_the_bound(monkeypatch):
+    # A real fsspec async filesystem whose store never answers (the event loop runs; the
+    # request does not come back): the raycache metadata path gives up at its bound.
+    import asyncio
+
+    from fsspec.asyn import AsyncFileSystem
+
+    from ray_cache.store import underfs
+
+    class Stalled(AsyncFileSystem):
+        async def _info(self, path, **kwargs):
+            await asyncio.sleep(60)
+
+    monkeypatch.setattr(underfs, "STORE_CALL_TIMEOUT_S", 1.0)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="bucket/key"):
+        underfs.bounded_call(Stalled(skip_instance_cache=True), "info", "bucket/key")
+    assert time.monotonic() - began < 10

@@ -55,6 +55,7 @@ Ray at all starts one (``ray_cache.cluster.membership.workers()``: a local Ray a
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -72,6 +73,8 @@ from ray_cache.files.meta import MetadataCache
 from ray_cache.store.errors import ObjectChangedError, raise_translated
 from ray_cache.store.keys import StoreObject
 from ray_cache.store.underfs import bounded_call, object_of, protocol_of, refresh
+
+log = logging.getLogger("ray_cache.fs")
 
 #: Default seconds that ``info``/``ls``/``find`` answers are reused (``metadata_ttl=``).
 METADATA_TTL_S = 5.0
@@ -178,7 +181,10 @@ class CacheFileSystem(ChainedFileSystem):
         if ray.is_initialized() and not forks.ray_forked():
             # Learn where this node's workers are now, so that a child forked later (a
             # DataLoader worker, which cannot use Ray) knows their disk slots and channels.
-            pages.reader().workers()
+            try:
+                pages.reader().workers()
+            except Exception as exc:  # noqa: BLE001 - a hint for later forks; reads ask again
+                log.debug("ray_cache: workers not known yet (%s)", exc)
 
     @classmethod
     def protocol_names(cls) -> Tuple[str, ...]:
