@@ -72,25 +72,45 @@ def _connect(address: str) -> None:
         ) from None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``ray-cache`` command."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``--address`` and ``--json`` go before or after the subcommand
+    (``ray-cache status --address auto``, as ``ray status --address auto``).
+
+    Examples
+    --------
+    >>> p = build_parser()
+    >>> a = p.parse_args(["stats", "--address", "10.0.0.1:6379", "--json"])
+    >>> a.command, a.address, a.json
+    ('stats', '10.0.0.1:6379', True)
+    >>> p.parse_args(["status"]).address
+    'auto'
+    """
     parser = argparse.ArgumentParser(prog="ray-cache", description=__doc__.split("\n")[0])
     parser.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # The same two options after the subcommand; SUPPRESS keeps what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default=argparse.SUPPRESS, help="Ray cluster address (default: auto)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="one line per cache worker")
-    sub.add_parser("stats", help="counters summed over workers")
-    start = sub.add_parser("start", help="start or resize workers on the cache nodes")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, parents=[common])
+
+    command("status", "one line per cache worker")
+    command("stats", "counters summed over workers")
+    start = command("start", "start or resize workers on the cache nodes")
     start.add_argument("--memory", type=parse_size, help="memory tier per worker, e.g. 4GiB")
     start.add_argument("--disk", type=parse_size, help="disk tier per worker, e.g. 100GiB")
     start.add_argument("--disk-dir", help="disk tier directory on each node")
     start.add_argument("--nodes", default="auto", help="auto, all, gpu, resource:NAME or label:KEY=VALUE")
     start.add_argument("--policy", default="lru", help="eviction policy: lru or tinylfu")
-    sub.add_parser("stop", help="stop the workers (disk tiers stay)")
+    command("stop", "stop the workers (disk tiers stay)")
     for name, text in (("load", "preload objects (resumable)"), ("pin", "load and pin objects"),
                        ("unpin", "unpin objects"), ("free", "drop cached objects"),
                        ("invalidate", "drop cached objects after a source update")):
-        cmd = sub.add_parser(name, help=text)
+        cmd = command(name, text)
         cmd.add_argument("paths", nargs="+", help="files, prefixes or globs (s3://, gs://, abfs://, local)")
         cmd.add_argument("--storage-options", type=json.loads, default=None,
                          help="fsspec options as JSON (credentials are better left to the environment)")
@@ -98,7 +118,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd.add_argument("--columns", type=lambda t: [c for c in t.split(",") if c],
                              help="comma-separated Parquet columns")
             cmd.add_argument("--ttl", type=float, help="seconds until the entries expire")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``ray-cache`` command."""
+    args = build_parser().parse_args(argv)
 
     _connect(args.address)
     import ray_cache

@@ -87,3 +87,28 @@ def test_metrics_report_a_known_sequence_of_reads(cache, s3fs_direct, s3fs_proxi
         time.sleep(1)  # polling an external exporter with a deadline
     assert seen == want, (worker["misses"], worker["hits"])
     assert _metric(body, "ray_cache_bytes_from_under_store_total", worker["node_id"], worker["pid"]) == worker["bytes_from_under_store"]
+
+
+def test_every_subcommand_takes_address_and_json_after_it_as_ray_status_does():
+    from ray_cache.cli import build_parser
+
+    parser = build_parser()
+    needs = {"load": ["s3://b/k"], "pin": ["s3://b/k"], "unpin": ["s3://b/k"],
+             "free": ["s3://b/k"], "invalidate": ["s3://b/k"]}
+    commands = parser._subparsers._group_actions[0].choices  # every subcommand the parser has
+    assert set(commands) >= {"status", "stats", "start", "stop", *needs}
+    for name in commands:
+        rest = needs.get(name, [])
+        after = parser.parse_args([name, *rest, "--address", "10.1.2.3:6379", "--json"])
+        before = parser.parse_args(["--address", "10.1.2.3:6379", "--json", name, *rest])
+        plain = parser.parse_args([name, *rest])
+        assert (after.address, after.json) == (before.address, before.json) == ("10.1.2.3:6379", True), name
+        assert (plain.address, plain.json) == ("auto", False), name
+
+
+def test_cli_address_after_the_subcommand_reaches_the_cluster(cache):
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([CLI, "status", "--address", address, "--json"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [w["node_id"] for w in json.loads(out.stdout)] == [w["node_id"] for w in ray_cache.status().workers]
