@@ -8,7 +8,8 @@ a Unix domain socket in the worker's disk-tier slot (``slot-N/channel.sock``). N
 listens on a network port.
 
 - **Who may connect**: the socket is ``0600`` inside the slot directory (``0700``), and
-  the worker closes any connection whose peer runs as another user (``SO_PEERCRED``).
+  the worker closes any connection whose peer runs as another user (``SO_PEERCRED``); a
+  reader, likewise, takes nothing from a socket served by another user.
   Requests are pickled, so the channel trusts exactly whom Ray already trusts: processes
   of the same user on the same node.
 - **What it carries**: a request is a tuple (see :meth:`ray_cache.node.worker.CacheWorker.channel_request`);
@@ -225,9 +226,13 @@ class ChannelClient:
         sock.settimeout(self.timeout_s)
         try:
             sock.connect(self.path)
+            _pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
         except OSError:
             sock.close()
             raise
+        if uid != os.getuid():  # someone else's socket at our path: never take pages from it
+            sock.close()
+            raise ChannelError(f"cache worker channel {self.path} is served by uid {uid}, not ours")
         self._sock = sock
         return sock
 
