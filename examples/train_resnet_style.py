@@ -13,10 +13,10 @@ pixels and an integer ``label``)::
 
 What it shows, in the order a training script does it:
 
-1. **Start the cache** on the training nodes, with an eviction policy. ``lru`` (the
-   default) when the data set fits in the cache; ``tinylfu`` when it does not: then
-   every epoch is served a stable part from the cache instead of LRU missing
-   everything (see ``ray_cache.node.tiers.policy``).
+1. **Start the cache** on the training nodes. The default eviction policy
+   (``adaptive``) needs no choice: when the data set fits, everything stays; when it
+   does not, every epoch is served a stable part from the cache instead of LRU missing
+   everything (see ``ray_cache.node.tiers.policy``; ``--policy lru`` to compare).
 2. **Read** with ``ray_cache.read_parquet``: a ``ray.data.Dataset`` like any other. On a
    cold cache, ``ray_cache.train.prefetch`` fetches the units in read order in the
    background so the first epoch keeps the link busy. On a warm cache the read returns
@@ -142,7 +142,7 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--policy", default="lru", help="eviction policy: lru, or tinylfu for data larger than the cache")
+    ap.add_argument("--policy", default="adaptive", help="eviction policy: adaptive (default), lru or tinylfu")
     ap.add_argument("--cache-dir", default=None, help="disk tier root (default ~/.cache/ray_cache)")
     args = ap.parse_args(argv)
     shape = tuple(int(x) for x in args.image_shape.split(","))

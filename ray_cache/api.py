@@ -35,7 +35,7 @@ def start(
     disk_bytes: Optional[int] = None,
     disk_dir: Optional[str] = None,
     nodes: str = "auto",
-    policy: str = "lru",
+    policy: str = "adaptive",
 ) -> List[membership.WorkerRef]:
     """Start (or attach to) one cache worker per cache node.
 
@@ -54,10 +54,12 @@ def start(
         ``"auto"`` (GPU nodes, or all nodes when none has a GPU), ``"all"``, ``"gpu"``,
         ``"resource:NAME"`` or ``"label:KEY=VALUE"``.
     policy : str
-        Eviction policy of both tiers (``ray_cache.node.tiers.policy.POLICIES``): ``"lru"``
-        (default) when the working set fits; ``"tinylfu"`` for data sets larger than the
-        cache read in repeated epochs (keeps a stable subset instead of churning). Applies
-        to workers this call starts; running workers keep theirs.
+        Eviction policy of both tiers (``ray_cache.node.tiers.policy.POLICIES``). The
+        default, ``"adaptive"``, needs no tuning: it keeps a stable subset when repeated
+        epochs read more than the cache holds (as ``"tinylfu"``), and takes in a new data
+        set within one pass when the old one has gone cold (as ``"lru"``); see
+        ``benchmarks/policies.py``. Applies to workers this call starts; running workers
+        keep theirs.
 
     Examples
     --------

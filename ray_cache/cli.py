@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--disk", type=parse_size, help="disk tier per worker, e.g. 100GiB")
     start.add_argument("--disk-dir", help="disk tier directory on each node")
     start.add_argument("--nodes", default="auto", help="auto, all, gpu, resource:NAME or label:KEY=VALUE")
-    start.add_argument("--policy", default="lru", help="eviction policy: lru or tinylfu")
+    start.add_argument("--policy", default="adaptive", help="eviction policy: adaptive (default), lru or tinylfu")
     command("stop", "stop the workers (disk tiers stay)")
     for name, text in (("load", "preload objects (resumable)"), ("pin", "load and pin objects"),
                        ("unpin", "unpin objects"), ("free", "drop cached objects"),

@@ -59,7 +59,7 @@ class WorkerConfig:
     memory_bytes: int
     disk_bytes: int
     disk_dir: str
-    policy: str = "lru"
+    policy: str = "adaptive"
     nodes: str = "auto"
     requested_memory_bytes: Optional[int] = None
     requested_disk_bytes: Optional[int] = None

@@ -59,8 +59,10 @@ def test_background_load_can_be_cancelled_and_resumed(cache, s3_server, s3fs_dir
 
 def _small_cache(tmp_path, unit_bytes, memory_units=2.5, disk_units=3.5):
     ray_cache.shutdown()
+    # LRU named: these tests are about capacity and pins under eviction pressure; the
+    # default policy would decline much of the pressure instead (tests/test_policy.py).
     ray_cache.start(memory_bytes=int(unit_bytes * memory_units), disk_bytes=int(unit_bytes * disk_units) + (1 << 20),
-                    disk_dir=str(tmp_path / "small"))
+                    disk_dir=str(tmp_path / "small"), policy="lru")
 
 
 def _assert_within_capacity():

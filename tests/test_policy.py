@@ -1,4 +1,4 @@
-"""Eviction policies: LRU and the scan-resistant TinyLFU, pure and through real workers.
+"""Eviction policies: LRU, the scan-resistant TinyLFU and the adaptive default, pure and through real workers.
 
 The pure tests drive a :class:`~ray_cache.node.tiers.base.Tier` (byte accounting, pins,
 admission, eviction) with unit-sized keys. The last test reads a data set twice the
@@ -20,7 +20,7 @@ from conftest import data_gets, write_dataset
 from ray_cache.cluster import membership
 from ray_cache.config import WorkerConfig
 from ray_cache.node.tiers.base import Tier
-from ray_cache.node.tiers.policy import POLICIES, LRUPolicy, TinyLFUPolicy, make_policy
+from ray_cache.node.tiers.policy import POLICIES, AdaptivePolicy, LRUPolicy, TinyLFUPolicy, make_policy
 
 
 class BytesTier(Tier):
@@ -56,11 +56,12 @@ def keys(n: int, prefix: str = "k") -> List[str]:
 
 
 # -- the registry -----------------------------------------------------------------------
-def test_both_policies_are_registered_and_lru_stays_the_default():
+def test_the_policies_are_registered_and_adaptive_is_the_default():
     assert POLICIES["lru"] is LRUPolicy and POLICIES["tinylfu"] is TinyLFUPolicy
+    assert POLICIES["adaptive"] is AdaptivePolicy
     assert isinstance(make_policy("tinylfu"), TinyLFUPolicy)
-    assert isinstance(BytesTier(10).policy, LRUPolicy)
-    assert WorkerConfig(memory_bytes=1, disk_bytes=1, disk_dir="/tmp").policy == "lru"
+    assert isinstance(BytesTier(10).policy, AdaptivePolicy)
+    assert WorkerConfig(memory_bytes=1, disk_bytes=1, disk_dir="/tmp").policy == "adaptive"
     with pytest.raises(ValueError, match="tinylfu"):
         make_policy("arc")
 
@@ -155,6 +156,56 @@ def test_a_new_working_set_displaces_an_old_one_after_a_few_passes():
     assert ratios[-1] == 1.0, "a repeatedly used new set wins in the end"
 
 
+@pytest.mark.parametrize("shuffle_seed", [None, 7], ids=["sequential", "shuffled"])
+@pytest.mark.parametrize("size", [150, 200, 400])
+def test_adaptive_keeps_a_stable_subset_of_repeated_scans_larger_than_the_tier(shuffle_seed, size):
+    tier = BytesTier(100, "adaptive")
+    ratios = epochs(tier, keys(size), 6, shuffle_seed)
+    assert ratios[1:] == [100 / size] * 5, "capacity / size from the second epoch on"
+
+
+def test_adaptive_takes_in_a_new_data_set_within_one_pass():
+    tier = BytesTier(100, "adaptive")
+    old, new = keys(80, "old"), keys(80, "new")
+    epochs(tier, old, 5, shuffle_seed=1)
+    ratios = epochs(tier, new, 3, shuffle_seed=2)
+    assert ratios[0] == 0.0 and min(ratios[1:]) >= 0.95, ratios
+    tinylfu = BytesTier(100, "tinylfu")  # the scan-resistant policy alone does not
+    epochs(tinylfu, old, 5, shuffle_seed=1)
+    assert epochs(tinylfu, new, 3, shuffle_seed=2)[1] <= 0.5
+
+
+def test_adaptive_lets_no_one_off_key_displace_a_hot_set():
+    # A Zipf-like mix: a hot set read all the time, one-off keys in between (never in a
+    # long run of misses): the one-offs do not get in.
+    tier = BytesTier(50, "adaptive")
+    hot = keys(50, "hot")
+    for k in hot:
+        read(tier, k)
+    rng = random.Random(5)
+    for i in range(2000):
+        read(tier, rng.choice(hot) if i % 3 else f"once{i}")
+    assert sum(k in tier for k in hot) >= 48
+
+
+def test_the_default_is_within_five_points_of_the_best_on_every_trace():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import policies as bench
+
+    c = 200
+    traces = {"loop-2x": bench.loop(c, 2, 5, random.Random(0)),
+              "seq-4x": bench.loop(c, 4, 5, random.Random(0), shuffle=False),
+              "switch": bench.switch(c, 4, random.Random(0)),
+              "zipf": bench.zipf(c, random.Random(0))}
+    for name, trace in traces.items():
+        got = {p: bench.hit_ratio(p, trace, c) for p in POLICIES}
+        assert got["adaptive"] >= max(got.values()) - 0.05, (name, got)
+    assert bench.hit_ratio("adaptive", traces["loop-2x"], c) >= 0.4
+
+
 def test_resize_and_remove_keep_the_policy_consistent():
     tier = BytesTier(10, "tinylfu")
     for k in keys(10):
@@ -181,7 +232,7 @@ def _gets_per_epoch(ds, proxy, n: int, want_ids: Iterable[int]) -> List[int]:
     return gets
 
 
-@pytest.mark.parametrize("policy", ["lru", "tinylfu"])
+@pytest.mark.parametrize("policy", ["lru", "tinylfu", "adaptive"])
 def test_data_twice_the_cache_three_epochs_hit_ratio_at_the_store(
     ray_session, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, policy
 ):
@@ -199,7 +250,7 @@ def test_data_twice_the_cache_three_epochs_hit_ratio_at_the_store(
         ray_cache.shutdown()
     assert gets[0] >= UNITS, "the first epoch fetches every unit"
     hit_ratios = [1 - g / gets[0] for g in gets[1:]]
-    if policy == "tinylfu":
+    if policy in ("tinylfu", "adaptive"):
         assert min(hit_ratios) >= 0.4, (gets, hit_ratios)
     else:
         assert max(hit_ratios) <= 0.1, (gets, hit_ratios)
@@ -210,7 +261,9 @@ def test_reads_mapped_by_readers_count_as_disk_hits_and_keep_entries_recent(tmp_
 
     from ray_cache.node.entries import LocalCache
 
-    cache = LocalCache(WorkerConfig(memory_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=str(tmp_path)))
+    # LRU named: the test is about recency (the default may decline the newcomer instead).
+    cache = LocalCache(WorkerConfig(memory_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=str(tmp_path),
+                                    policy="lru"))
     try:
         a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
         table = pa.table({"v": [b"x" * 1000]})

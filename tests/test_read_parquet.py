@@ -119,7 +119,8 @@ def test_tiers_stay_within_capacity(ray_session, tmp_path, s3fs_direct, s3fs_pro
     ray_cache.shutdown()
     try:
         unit = pq.read_table(paths[0], filesystem=s3fs_direct).nbytes
-        ray_cache.start(memory_bytes=int(unit * 2.5), disk_bytes=int(unit * 3.5), disk_dir=str(tmp_path / "c"))
+        ray_cache.start(memory_bytes=int(unit * 2.5), disk_bytes=int(unit * 3.5), disk_dir=str(tmp_path / "c"),
+                        policy="lru")  # capacity under eviction pressure; policies: test_policy.py
         for _ in range(2):
             got = read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied))
             assert got.equals(expected(s3fs_direct, paths))

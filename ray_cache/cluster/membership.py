@@ -88,7 +88,7 @@ def ensure_workers(
     disk_bytes: Optional[int],
     disk_dir: str,
     nodes: str = "auto",
-    policy: str = "lru",
+    policy: str = "adaptive",
     resize: bool = True,
 ) -> List[WorkerRef]:
     """Start a worker on every cache node that has none; attach to the others.
@@ -204,7 +204,7 @@ def start(
     disk_bytes: Optional[int] = None,
     disk_dir: Optional[str] = None,
     nodes: str = "auto",
-    policy: str = "lru",
+    policy: str = "adaptive",
 ) -> List[WorkerRef]:
     """Validate the settings, then start or attach to a worker on every cache node
     (``ray_cache.start`` documents the arguments)."""

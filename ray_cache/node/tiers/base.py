@@ -21,7 +21,7 @@ class Tier:
 
     name = "tier"
 
-    def __init__(self, capacity: int, policy: str = "lru") -> None:
+    def __init__(self, capacity: int, policy: str = "adaptive") -> None:
         self.capacity = int(capacity)
         self.policy: EvictionPolicy = make_policy(policy)
         self.sizes: Dict[str, int] = {}

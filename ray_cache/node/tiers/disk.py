@@ -54,7 +54,7 @@ class DiskTier(Tier):
 
     name = "disk"
 
-    def __init__(self, root: str, capacity: int, policy: str = "lru") -> None:
+    def __init__(self, root: str, capacity: int, policy: str = "adaptive") -> None:
         super().__init__(capacity, policy)
         self.root = root
         self.slot, self._lock_fd = claim_slot(root)

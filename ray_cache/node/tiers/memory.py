@@ -27,7 +27,7 @@ class MemoryTier(Tier):
 
     name = "memory"
 
-    def __init__(self, capacity: int, policy: str = "lru") -> None:
+    def __init__(self, capacity: int, policy: str = "adaptive") -> None:
         super().__init__(capacity, policy)
         self._refs: Dict[str, ray.ObjectRef] = {}
         self._meta: Dict[str, Any] = {}
