@@ -37,7 +37,7 @@ Policies are not thread-safe on their own: the tier that owns one holds its lock
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Iterator, Sequence, Type
+from typing import Dict, Iterator, List, Sequence, Type
 
 
 class EvictionPolicy:
@@ -236,31 +236,31 @@ class AdaptivePolicy(TinyLFUPolicy):
     several passes. LRU alone churns on repeated epochs over more than the tier holds. The
     difference between the two situations is visible: after a switch the entries held get
     **no hits at all**, while in repeated epochs they keep getting some. So this policy
-    counts the misses since the last hit; after ``cold_after`` times the number of resident
-    keys in a row (at least ``min_cold``), the resident set is taken to be cold, and a key
-    never seen before (frequency 1 at this attempt) is admitted as LRU would admit it,
-    evicting the least recently used. Keys seen before still need TinyLFU's lead, so a
-    repeated scan (whose keys are all seen before from its second pass) stays stable; the
-    first hit ends the cold spell.
+    counts the misses since the last hit; after a run of ``min(min_cold, resident / 4)``
+    of them (at least 4) the resident set is taken to be cold, and a key not seen in the
+    last two aging periods is admitted as LRU would admit it, evicting the least recently
+    used; new keys refused earlier in that run get in at their next read. Keys seen before
+    still need TinyLFU's lead, so a repeated scan (whose keys are all seen from its second
+    pass on) stays stable; the first hit ends the cold spell.
 
     Examples
     --------
-    A data set replaced by another is taken in within one pass:
+    A data set replaced by another is taken in within one pass (the first few of its
+    keys, read before the old set counted as cold, come in at their next read):
 
-    >>> p = AdaptivePolicy(min_cold=2)
-    >>> resident = []
+    >>> from ray_cache.node.tiers.base import Tier
+    >>> class Counting(Tier):
+    ...     def _drop(self, key): pass
+    >>> tier = Counting(8, "adaptive")
     >>> def read(k):
-    ...     if k in resident:
-    ...         p.touch(k); return True
-    ...     victims = resident[:1] if len(resident) >= 2 else []
-    ...     if p.admit(k, 1, 0 if victims else 1, 2, victims=victims):
-    ...         for v in victims: resident.remove(v); p.remove(v)
-    ...         p.insert(k); resident.append(k)
-    ...     return False
-    >>> [read(k) for k in "ababab"] and resident
-    ['a', 'b']
-    >>> [read(k) for k in "cdcdcd"]
-    [False, False, False, False, True, True]
+    ...     hit = k in tier
+    ...     _ = tier.touch(k) if hit else tier.reserve(k, 1)
+    ...     return hit
+    >>> old, new = [f"old{i}" for i in range(8)], [f"new{i}" for i in range(8)]
+    >>> for _ in range(5):
+    ...     _ = [read(k) for k in old]
+    >>> [sum(read(k) for k in new) for _ in range(3)]  # hits per pass over the new set
+    [0, 4, 8]
     """
 
     name = "adaptive"
@@ -271,6 +271,8 @@ class AdaptivePolicy(TinyLFUPolicy):
         self._misses = 0  # admission attempts since the last hit
         self._seen_now: set = set()  # keys met in this aging period ...
         self._seen_last: set = set()  # ... and in the one before
+        self._refused_new: List[str] = []  # new keys refused since the last hit
+        self._late: set = set()  # ... admitted at their next attempt, once that run went cold
 
     def _record(self, key: str) -> None:
         self._seen_now.add(key)
@@ -282,6 +284,7 @@ class AdaptivePolicy(TinyLFUPolicy):
 
     def touch(self, key: str) -> None:
         self._misses = 0
+        self._refused_new.clear()
         super().touch(key)
 
     def admit(
@@ -290,9 +293,20 @@ class AdaptivePolicy(TinyLFUPolicy):
         new = key not in self._seen_now and key not in self._seen_last
         self._misses += 1
         if super().admit(key, nbytes, free, capacity, victims):
+            self._late.discard(key)
             return True
-        cold = self._misses > max(4, min(self.min_cold, len(self._order) // 4))
-        return cold and new and nbytes <= capacity
+        if nbytes > capacity:
+            return False
+        if key in self._late:
+            self._late.discard(key)
+            return True
+        if self._misses > max(4, min(self.min_cold, len(self._order) // 4)):  # the held set is cold
+            self._late.update(self._refused_new)  # new keys of this run refused before it was known
+            self._refused_new.clear()
+            return new
+        if new and len(self._refused_new) < self.min_cold:
+            self._refused_new.append(key)
+        return False
 
 
 #: Registered policies by name.
