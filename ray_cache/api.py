@@ -132,7 +132,11 @@ def read_parquet(
         read runs on this driver's node (a node loss there ends the driver anyway),
         read tasks otherwise.
     **kwargs
-        Passed on to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``, ...).
+        Ray's scheduling arguments (``num_cpus``, ``concurrency``, ``ray_remote_args``, ...),
+        passed on to ``ray.data.read_datasource``. Ray's other ``read_parquet`` arguments
+        that ray_cache does not implement yet raise ``ValueError`` unless given the value
+        that means what ray_cache does; unknown ones (``filter=`` included) raise
+        ``TypeError``: never silently ignored (:mod:`ray_cache.readers.arguments`).
 
     Returns
     -------
@@ -147,6 +151,11 @@ def read_parquet(
     >>> ds.count()  # doctest: +SKIP
     1000000
     """
+    from ray_cache.readers.arguments import check_read_args
+
+    kwargs = check_read_args(kwargs)  # before any listing: refused, never ignored
+    if zero_copy not in (True, False, "auto"):
+        raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
     if columns is not None:
         if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
             raise ValueError(f"columns must be a list of column names, got {columns!r}")
@@ -156,8 +165,6 @@ def read_parquet(
     from ray_cache.readers import fastpath
     from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
 
-    if zero_copy not in (True, False, "auto"):
-        raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
     source = CachedParquetDatasource(fs, objects, workers, columns=columns)
     if zero_copy == "auto":
         here = ray.get_runtime_context().get_node_id()

@@ -88,3 +88,32 @@ def test_unknown_protocol(ray_session):
     with pytest.raises(ValueError) as err:
         ray_cache.read_parquet("nosuchproto://bucket/x.parquet")
     assert "nosuchproto" in str(err.value)
+
+
+def test_read_parquet_refuses_what_it_does_not_apply_and_never_ignores_it(tmp_path):
+    # Checked before any listing or worker: the path need not even exist.
+    import inspect
+
+    import ray.data
+
+    from ray_cache.readers.arguments import NOT_YET, PASSED_ON
+
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="'filter'"):
+        ray_cache.read_parquet(missing, filter="x > 3")
+    with pytest.raises(TypeError, match="'colums'"):
+        ray_cache.read_parquet(missing, colums=["x"])
+    with pytest.raises(ValueError, match="include_paths=True.*allowed: include_paths=False"):
+        ray_cache.read_parquet(missing, include_paths=True)
+    with pytest.raises(ValueError, match="shuffle='files'"):
+        ray_cache.read_parquet(missing, shuffle="files")
+    with pytest.raises(ValueError, match="zero_copy must be"):
+        ray_cache.read_parquet(missing, zero_copy="yes")
+    # The values that mean what ray_cache does pass the check (then the path is missing).
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ray_cache.read_parquet(missing, include_paths=False, partitioning=None, num_cpus=0.5)
+    # Every named argument of Ray's own read_parquet is accounted for: honoured here,
+    # passed on to Ray, or refused unless it means what ray_cache does.
+    ours = {"paths", "columns", "filesystem", "override_num_blocks"}
+    ray_args = set(inspect.signature(ray.data.read_parquet).parameters) - {"arrow_parquet_args"}
+    assert ray_args - ours - set(PASSED_ON) - set(NOT_YET) == set()

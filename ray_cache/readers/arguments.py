@@ -1,0 +1,64 @@
+"""``ray_cache.read_parquet``'s keyword arguments checked against Ray 2.60's ``read_parquet``.
+
+A user changes ``ray.data.read_parquet`` to ``ray_cache.read_parquet`` and nothing else,
+so every argument of Ray's is either honoured with Ray's meaning or refused at the call:
+never silently ignored (a dropped ``filter=`` returns every row). Three kinds:
+
+- :data:`PASSED_ON`: scheduling and resource arguments, handed to
+  ``ray.data.read_datasource``, which gives them Ray's meaning;
+- :data:`NOT_YET`: arguments ray_cache does not implement yet; the one value that means
+  what ray_cache does is accepted, any other raises ``ValueError`` saying so;
+- anything else (``filter=``, other pyarrow options, typos): ``TypeError`` naming it.
+
+Examples
+--------
+>>> check_read_args({"num_cpus": 0.5, "include_paths": False})
+{'num_cpus': 0.5}
+>>> check_read_args({"filter": "x > 3"})
+Traceback (most recent call last):
+...
+TypeError: ray_cache.read_parquet() got an unexpected keyword argument 'filter' (it is not applied by the cache, so it is refused rather than ignored)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+#: Passed to ``ray.data.read_datasource`` as they are.
+PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", "fallback_strategy",
+             "max_calls", "resources", "accelerator_type", "runtime_env", "ray_remote_args")
+
+#: Ray's arguments not implemented here yet -> the value that means what ray_cache does.
+NOT_YET: Dict[str, Any] = {
+    "partitioning": None,  # Ray's default reads hive partition columns; ray_cache does not yet
+    "partition_filter": None,
+    "shuffle": None,
+    "schema": None,
+    "include_paths": False,
+    "include_row_hash": False,
+    "file_extensions": None,
+    "ignore_missing_paths": False,
+    "skip_paths": None,
+    "tensor_column_schema": None,
+    "catalog": None,
+    "meta_provider": None,
+    "parallelism": -1,
+}
+
+
+def check_read_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments to pass on to ``read_datasource``; raises for the others (see above)."""
+    out: Dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in PASSED_ON:
+            out[name] = value
+        elif name in NOT_YET:
+            if value is not NOT_YET[name] and value != NOT_YET[name]:
+                raise ValueError(
+                    f"ray_cache.read_parquet does not support {name}={value!r} yet "
+                    f"(Ray's read_parquet does); allowed: {name}={NOT_YET[name]!r} or leave it out")
+        else:
+            raise TypeError(
+                f"ray_cache.read_parquet() got an unexpected keyword argument {name!r} (it is "
+                "not applied by the cache, so it is refused rather than ignored)")
+    return out
