@@ -169,7 +169,7 @@ def read_parquet(
     if zero_copy == "auto":
         here = ray.get_runtime_context().get_node_id()
         zero_copy = all(w.node_id == here for w in workers)
-    if zero_copy and not kwargs and override_num_blocks is None:
+    if zero_copy and not kwargs and override_num_blocks is None and source.uniform_schema:
         ds = fastpath.try_zero_copy(source.requests, workers)
         if ds is not None:
             return ds

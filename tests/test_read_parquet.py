@@ -227,3 +227,41 @@ print("PIDS", sorted(w["pid"] for w in ray_cache.status().workers))
     assert "ROWS 40000" in out.stdout
     assert f"PIDS {sorted(pids)}" in out.stdout, "the second driver must use the same workers"
     assert data_gets(proxy) == []
+
+
+def _evolved(fs, prefix):
+    """Two files, the second adding a column in the middle (a later writer's schema)."""
+    import pyarrow as pa
+
+    first = pa.table({"id": pa.array([1, 2], pa.int64()), "x": [1.0, 2.0]})
+    second = pa.table({"id": pa.array([3, 4], pa.int64()), "label": ["p", None], "x": [3.0, 4.0]})
+    for name, table in (("a", first), ("b", second)):
+        with fs.open(f"{prefix}/{name}.parquet", "wb") as f:
+            pq.write_table(table, f)
+
+
+def test_schemas_that_differ_by_an_added_column_read_as_ray_reads_them(cache, s3fs_direct, s3fs_proxied, tmp_path, prefix):
+    import fsspec
+
+    _evolved(s3fs_direct, prefix)
+    local = tmp_path / "evolved"
+    local.mkdir()
+    _evolved(fsspec.filesystem("file"), str(local))
+    for url, fs in ((str(local), None), (f"s3://{prefix}/", s3fs_proxied)):
+        want = ray.data.read_parquet(url, filesystem=fs)
+        for zero_copy in ("auto", False):
+            got = ray_cache.read_parquet(url, filesystem=fs, zero_copy=zero_copy)
+            assert got.schema().names == want.schema().names == ["id", "x", "label"]
+            assert got.schema().types == want.schema().types
+            key = lambda r: r["id"]  # noqa: E731
+            assert sorted(got.take_all(), key=key) == sorted(want.take_all(), key=key)
+
+
+def test_incompatible_schemas_name_both_files(cache, s3fs_direct, s3fs_proxied, prefix):
+    import pyarrow as pa
+
+    for name, x in (("a", pa.array([1.0])), ("b", pa.array(["one"]))):
+        with s3fs_direct.open(f"{prefix}/{name}.parquet", "wb") as f:
+            pq.write_table(pa.table({"x": x}), f)
+    with pytest.raises(ValueError, match=r"b\.parquet and .*a\.parquet have incompatible schemas"):
+        ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)

@@ -9,7 +9,7 @@ rows keep their order within a file and files keep the listed order.
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 from ray.data import ReadTask
@@ -50,6 +50,7 @@ class CachedParquetDatasource(Datasource):
         footers = routing.footers(fs, objects, self._workers)
         self._requests: List[UnitRequest] = []
         self._schema: Optional[pa.Schema] = None
+        schemas: List[pa.Schema] = []
         for obj, footer in zip(objects, footers):
             meta = parquet.read_metadata(obj.url, obj.size, footer)
             schema = meta.schema.to_arrow_schema()
@@ -60,14 +61,18 @@ class CachedParquetDatasource(Datasource):
                         f"columns {missing} not in {obj.url}; its columns are {schema.names}"
                     )
                 schema = pa.schema([schema.field(c) for c in self._columns])
-            if self._schema is None:
-                self._schema = schema
+            schemas.append(schema)
             for unit in parquet.plan_units(meta, unit_bytes):
                 key = EntryKey(
                     obj.protocol, obj.path, obj.version, "rg", unit.start, unit.stop, key_columns
                 )
                 self._requests.append(UnitRequest(key, obj, footer, unit, key_columns))
         self._paths = [o.url for o in objects]
+        #: Whether every file has the same schema; else tables are conformed to the
+        #: unified one as they are read (Ray Data's schema evolution).
+        self.uniform_schema = all(s.equals(schemas[0]) for s in schemas)
+        if schemas:
+            self._schema = schemas[0] if self.uniform_schema else parquet.unify_schemas(schemas, self._paths)
 
     @property
     def requests(self) -> List[UnitRequest]:
@@ -114,10 +119,19 @@ class CachedParquetDatasource(Datasource):
             tasks.append(
                 ReadTask(
                     # Keys keep the caller's column order: tables come out as asked.
-                    functools.partial(routing.read_units, self._fs, chunk, self._workers),
+                    functools.partial(routing.read_units, self._fs, chunk, self._workers)
+                    if self.uniform_schema else
+                    functools.partial(_conformed, self._fs, chunk, self._workers, self._schema),
                     meta,
                     schema=self._schema,
                     per_task_row_limit=per_task_row_limit,
                 )
             )
         return tasks
+
+
+def _conformed(fs: Any, chunk: Sequence[UnitRequest], workers: Sequence[WorkerRef],
+               schema: pa.Schema) -> Iterator[pa.Table]:
+    """The chunk's tables, each with the unified schema (missing columns as nulls)."""
+    for table in routing.read_units(fs, chunk, workers):
+        yield parquet.conform(table, schema)

@@ -199,3 +199,45 @@ def decode_unit(
         columns=list(columns) if columns is not None else None,
         use_threads=True,
     )
+
+
+def unify_schemas(schemas: Sequence[pa.Schema], names: Sequence[str]) -> pa.Schema:
+    """One schema for files whose schemas differ, as Ray Data reads them: every column of
+    the first file in its order, then each column a later file adds, in order of first
+    appearance; a column missing from a file reads as nulls. Incompatible types raise
+    ``ValueError`` naming both files (``names``: one per schema).
+
+    Examples
+    --------
+    >>> a = pa.schema([("id", pa.int64()), ("x", pa.float64())])
+    >>> b = pa.schema([("id", pa.int64()), ("y", pa.string()), ("x", pa.float64())])
+    >>> unify_schemas([a, b], ["a.parquet", "b.parquet"]).names
+    ['id', 'x', 'y']
+    >>> unify_schemas([a, pa.schema([("x", pa.string())])], ["a.parquet", "c.parquet"])
+    Traceback (most recent call last):
+    ...
+    ValueError: c.parquet and a.parquet have incompatible schemas: column 'x' is string in one and double in the other
+    """
+    unified = schemas[0]
+    first: Dict[str, str] = {f.name: names[0] for f in unified}
+    for schema, name in zip(schemas[1:], names[1:]):
+        if schema.equals(unified):
+            continue
+        for field in schema:
+            if field.name in first and field.type != unified.field(field.name).type:
+                raise ValueError(
+                    f"{name} and {first[field.name]} have incompatible schemas: column "
+                    f"{field.name!r} is {field.type} in one and {unified.field(field.name).type} in the other")
+            first.setdefault(field.name, name)
+        unified = pa.unify_schemas([unified, schema])
+    return unified
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order, missing ones as nulls (no copy of
+    the columns it has)."""
+    if table.schema.equals(schema):
+        return table
+    columns = [table.column(f.name) if f.name in table.schema.names
+               else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
