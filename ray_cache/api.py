@@ -19,7 +19,7 @@ from ray_cache.store import underfs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray_cache.steering.ops import LoadJob, LoadReport
-from ray_cache.config import COUNTERS, validate_capacity
+from ray_cache.config import COUNTERS, default_disk_dir, validate_capacity, validate_disk_dir
 
 log = logging.getLogger("ray_cache")
 
@@ -66,8 +66,14 @@ def start(
     >>> import ray_cache
     >>> workers = ray_cache.start(memory_bytes=2 << 30, disk_bytes=20 << 30)  # doctest: +SKIP
     """
-    workers = membership.start(memory_bytes=memory_bytes, disk_bytes=disk_bytes,
-                               disk_dir=disk_dir, nodes=nodes, policy=policy)
+    from ray_cache.node.tiers.policy import make_policy
+
+    memory_bytes = validate_capacity("memory_bytes", memory_bytes)
+    disk_bytes = validate_capacity("disk_bytes", disk_bytes)
+    make_policy(policy)  # ValueError naming the known policies, before any worker starts
+    root = validate_disk_dir(disk_dir or default_disk_dir())
+    _ensure_ray()
+    workers = membership.ensure_workers(memory_bytes, disk_bytes, root, nodes=nodes, policy=policy)
     _forget_workers()
     return workers
 

@@ -23,7 +23,6 @@ from ray_cache.config import (
     NAMESPACE,
     WorkerConfig,
     default_disk_dir,
-    validate_capacity,
     validate_disk_dir,
 )
 
@@ -198,33 +197,13 @@ def ensure_ray() -> None:
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
 
 
-def start(
-    *,
-    memory_bytes: Optional[int] = None,
-    disk_bytes: Optional[int] = None,
-    disk_dir: Optional[str] = None,
-    nodes: str = "auto",
-    policy: str = "adaptive",
-) -> List[WorkerRef]:
-    """Validate the settings, then start or attach to a worker on every cache node
-    (``ray_cache.start`` documents the arguments)."""
-    from ray_cache.node.tiers.policy import make_policy
-
-    memory_bytes = validate_capacity("memory_bytes", memory_bytes)
-    disk_bytes = validate_capacity("disk_bytes", disk_bytes)
-    make_policy(policy)  # ValueError naming the known policies, before any worker starts
-    root = validate_disk_dir(disk_dir or default_disk_dir())
-    ensure_ray()
-    return ensure_workers(memory_bytes, disk_bytes, root, nodes=nodes, policy=policy)
-
-
 def workers() -> List[WorkerRef]:
     """The live workers, after starting one on any cache node that joined since."""
     ensure_ray()
     alive = alive_nodes()
     found = live_workers(alive)
-    if not found:
-        return start()
+    if not found:  # none yet: start them with the defaults, as ray_cache.start() does
+        return ensure_workers(None, None, validate_disk_dir(default_disk_dir()))
     have = {w.node_id for w in found}
     if all(n["NodeID"] in have for n in alive):  # cache nodes are alive nodes: none missing
         return found
