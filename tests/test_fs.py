@@ -14,6 +14,7 @@ import sys
 
 import fsspec
 import pytest
+import s3fs
 import ray
 
 import ray_cache
@@ -85,27 +86,21 @@ def test_ranges_are_assembled_from_pages_and_warm_reads_send_no_data_request(rfs
     assert ray_cache.stats()["memory_hits"] >= 3
 
 
-def test_parallel_page_fetches_share_their_version_checks(cache, s3_server, s3fs_direct, prefix):
-    import s3fs
-
-    from ray_cache.testing import CountingProxy
-
+def test_page_fetches_from_s3_carry_their_version_check(cache, s3_server, s3fs_direct, prefix, proxy):
     data = blob(9 * MiB)  # 9 pages of 1 MiB, fetched by their owner in parallel
-    path = f"{prefix}/shared-checks.bin"
+    path = f"{prefix}/conditional.bin"
     s3fs_direct.pipe(path, data)
-    key = "/" + path
-    with CountingProxy(s3_server.endpoint_url, latency_ms=300) as slow:
-        far = s3fs.S3FileSystem(**s3_server.storage_options(endpoint_url=slow.url),
-                                skip_instance_cache=True)
-        rfs = CacheFileSystem(fs=far, page_size=MiB, skip_instance_cache=True)
-        assert rfs.cat_file(path) == data
-        reqs = [r for r in slow.requests() if r["path"].split("?")[0] == key]
+    etag = s3fs_direct.info(path)["ETag"]
+    far = s3fs.S3FileSystem(**s3_server.storage_options(endpoint_url=proxy.url), skip_instance_cache=True)
+    rfs = CacheFileSystem(fs=far, page_size=MiB, skip_instance_cache=True)
+    proxy.reset()
+    assert rfs.cat_file(path) == data
+    reqs = [r for r in proxy.requests() if r["path"].split("?")[0] == "/" + path]
     gets = [r for r in reqs if r["method"] == "GET"]
-    heads = [r for r in reqs if r["method"] == "HEAD"]
     assert len(gets) == 9, "one ranged GET per 1 MiB page"
-    # One HEAD for info() when planning, then version checks: each answered only by a HEAD
-    # begun after its GET ended, so at least one; shared, so far fewer than one per page.
-    assert 2 <= len(heads) <= 4, [r["method"] for r in reqs]
+    assert {r["if_match"] for r in gets} == {etag}, "each GET is conditional on the planned ETag"
+    assert [r["method"] for r in reqs if r["method"] != "GET"] == ["HEAD"], \
+        "one HEAD for info() when planning; no version check after the GETs"
 
 
 def test_pages_survive_a_worker_restart_on_its_disk_tier(cache, s3fs_direct, s3fs_proxied, proxy, prefix):

@@ -35,6 +35,8 @@ class Cloud:
     root: str
     proxy: CountingProxy
     data_gets: Callable[[CountingProxy], List[dict]]
+    options_via: Callable[[str], Dict[str, Any]] = dict  # reader options through another proxy
+    upstream: str = ""  # the server's own URL
 
 
 def _azure_gets(proxy: CountingProxy) -> List[dict]:
@@ -53,7 +55,8 @@ def azure():
     with AzuriteServer() as server, CountingProxy(server.endpoint_url) as proxy:
         server.create_container(CONTAINER)
         writer = adlfs.AzureBlobFileSystem(**server.storage_options(), skip_instance_cache=True)
-        yield Cloud("abfs", writer, server.storage_options(proxy.url), CONTAINER, proxy, _azure_gets)
+        yield Cloud("abfs", writer, server.storage_options(proxy.url), CONTAINER, proxy, _azure_gets,
+                    server.storage_options, server.endpoint_url)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +101,23 @@ def test_reads_come_through_the_cache_and_see_rewrites(cache, cloud):
     cloud.writer.pipe(path, data[::-1])
     fs.invalidate_cache(path)
     assert fs.cat_file(path, start=0, end=100) == data[::-1][:100]
+
+
+def test_parallel_page_fetches_share_their_version_checks(cache, azure):
+    # Azure's reads here are not conditional, so each fetched page is followed by a version
+    # check; concurrent checks share metadata requests (ray_cache.store.versions).
+    data = np.random.default_rng(2).integers(0, 256, 9 * MiB, dtype=np.uint8).tobytes()
+    path = f"{azure.root}/t-{uuid.uuid4().hex[:8]}/shared-checks.bin"
+    azure.writer.pipe(path, data)
+    with CountingProxy(azure.upstream, latency_ms=300) as slow:
+        fs = fsspec.filesystem("raycache", target_protocol="abfs", target_options=azure.options_via(slow.url),
+                               page_size=MiB, skip_instance_cache=True)
+        assert fs.cat_file(path) == data
+        blob_path = f"/{ACCOUNT}/{path}"
+        reqs = [r for r in slow.requests() if r["path"].split("?")[0] == blob_path]
+    gets = [r for r in reqs if r["method"] == "GET"]
+    heads = [r for r in reqs if r["method"] == "HEAD"]
+    assert len(gets) == 9, "one ranged GET per 1 MiB page"
+    # One HEAD for info() when planning, then version checks: each answered only by a HEAD
+    # begun after its GET ended, so at least one; shared, so far fewer than one per page.
+    assert 2 <= len(heads) <= 4, [r["method"] for r in reqs]

@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_cache.store import parquet, underfs, versions
+from ray_cache.store import conditional, parquet, underfs, versions
 from ray_cache.store.errors import ObjectChangedError
 from ray_cache.store.keys import EntryKey, StoreObject
 
@@ -64,6 +64,33 @@ def fetcher(fs: Any, obj: StoreObject, count: Optional[Counter] = None) -> parqu
     return fetch
 
 
+class CheckedFetcher:
+    """A :data:`ray_cache.store.parquet.Fetcher` of ``obj`` whose bytes are of ``obj.version``
+    once :meth:`done` returns: each read is one conditional request where the store can
+    make it (:mod:`ray_cache.store.conditional`, S3), else a plain read and, in
+    :meth:`done`, one shared version check (:func:`check_version`).
+    """
+
+    def __init__(self, fs: Any, obj: StoreObject, count: Optional[Counter] = None) -> None:
+        self.fs, self.obj, self.count = fs, obj, count
+        self._plain = fetcher(fs, obj, count)
+        self._unchecked = False
+
+    def __call__(self, ranges: Sequence[Tuple[int, int]]) -> List[bytes]:
+        blobs = conditional.read_ranges_checked(self.fs, self.obj, ranges)
+        if blobs is None:
+            self._unchecked = True
+            return self._plain(ranges)
+        if self.count is not None:
+            self.count(len(ranges), sum(len(b) for b in blobs))
+        return blobs
+
+    def done(self) -> None:
+        """Raise :class:`ObjectChangedError` unless every read was of the planned version."""
+        if self._unchecked:
+            check_version(self.fs, self.obj)
+
+
 def check_version(fs: Any, obj: StoreObject) -> None:
     """Raise :class:`ObjectChangedError` unless the store still reports ``obj.version``.
 
@@ -82,8 +109,9 @@ def footer_key(obj: StoreObject) -> EntryKey:
 
 def read_footer(fs: Any, obj: StoreObject, count: Optional[Counter] = None) -> bytes:
     """Footer bytes of a Parquet object of the planned version."""
-    footer = parquet.parse_footer(obj.url, obj.size, fetcher(fs, obj, count))
-    check_version(fs, obj)
+    fetch = CheckedFetcher(fs, obj, count)
+    footer = parquet.parse_footer(obj.url, obj.size, fetch)
+    fetch.done()
     return footer
 
 
@@ -98,8 +126,9 @@ def read_unit(
     if meta is None:
         meta = parquet.read_metadata(obj.url, obj.size, req.footer)
     ranges = parquet.unit_ranges(meta, req.unit, req.columns)
-    blobs = fetcher(fs, obj, count)(ranges)
-    check_version(fs, obj)
+    fetch = CheckedFetcher(fs, obj, count)
+    blobs = fetch(ranges)
+    fetch.done()
     segments = {start: blob for (start, _end), blob in zip(ranges, blobs)}
     return parquet.decode_unit(obj.size, req.footer, meta, req.unit, req.columns, segments)
 
@@ -108,10 +137,11 @@ def read_page(fs: Any, req: PageRequest, count: Optional[Counter] = None) -> byt
     """Fetch one page of the planned version."""
     if req.end <= req.start:
         return b""
-    (data,) = fetcher(fs, req.obj, count)([(req.start, req.end)])
+    fetch = CheckedFetcher(fs, req.obj, count)
+    (data,) = fetch([(req.start, req.end)])
     if len(data) != req.end - req.start:
         raise ObjectChangedError(
             f"{req.obj.url}: expected {req.end - req.start} bytes at {req.start}, got {len(data)}"
         )
-    check_version(fs, req.obj)
+    fetch.done()
     return data

@@ -1,7 +1,8 @@
 """Access to the under stores through fsspec: resolving, listing, versions, byte ranges.
 
-This is the only module that talks to S3, GCS, Azure or local files. Everything it
-raises has passed through :func:`ray_cache.store.errors.translate`.
+This and :mod:`ray_cache.store.conditional` (reads that carry their own version check)
+are the only modules that talk to S3, GCS, Azure or local files. Everything they raise
+has passed through :func:`ray_cache.store.errors.translate`.
 """
 
 from __future__ import annotations
