@@ -242,3 +242,39 @@ def test_a_failed_version_check_reaches_every_caller_of_its_round():
     for t in threads:
         t.join(30)
     assert errors_seen == ["b/gone"] * 4
+
+
+def test_page_entries_map_without_pyarrow_exactly_as_pyarrow_reads_them(tmp_path):
+    from ray_cache.files.pagebuf import map_page
+    from ray_cache.node.pageentry import page_buffer, page_table
+    from ray_cache.node.tiers.disk import read_entry
+    from ray_cache.node.tiers.ipcpage import map_page_file
+
+    tier = DiskTier(str(tmp_path), capacity=10**9)
+    rng = np.random.default_rng(3)
+    sizes = [1, 7, 8, 4095, 110_000, 1 << 20]
+    for i, n in enumerate(sizes):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        key = f"{i:02x}" + "c" * 62
+        # labels of different lengths move the data buffer within the file
+        assert tier.put(key, page_table(data), ("s3", "bucket/" + "deep/" * i + "f.jpg"))
+        path = tier._path(key)
+        fast = map_page_file(path, key, n)
+        assert fast is not None and bytes(fast) == data
+        assert bytes(fast) == bytes(page_buffer(read_entry(path, key).column(0)))
+        assert map_page_file(path, "ff" + "c" * 62, n) is None, "another key's file"
+        assert map_page_file(path, key, n + 1) is None, "another size"
+        assert bytes(map_page(tier.slot, key, n)) == data
+    # a damaged file is refused by both readers; a missing one is no page
+    key = "00" + "c" * 62
+    with open(tier._path(key), "r+b") as fh:
+        fh.truncate(200)
+    assert map_page_file(tier._path(key), key, sizes[0]) is None
+    assert map_page(tier.slot, key, sizes[0]) is None
+    assert map_page(tier.slot, "ee" + "c" * 62, 5) is None
+    # a file pyarrow writes another way (a table with two columns) is left to pyarrow
+    other = pa.table({"bytes": pa.array([b"abc"], pa.large_binary()), "x": [1]})
+    key2 = "dd" + "c" * 62
+    tier.put(key2, other)
+    assert map_page_file(tier._path(key2), key2, 3) is None
+    tier.close()
