@@ -23,12 +23,17 @@ from ray_cache.api import (
     unpin,
 )
 from ray_cache.cluster.forks import RayForkedError
+from ray_cache.files.snapshot import SnapshotFileSystem, snapshot
+from ray_cache.folder import ImageFolder
 from ray_cache.store.errors import CacheError, NotParquetError, ObjectChangedError, PinCapacityError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "read_parquet",
+    "snapshot",
+    "SnapshotFileSystem",
+    "ImageFolder",
     "start",
     "shutdown",
     "stats",

@@ -10,5 +10,6 @@ Examples
 """
 
 from ray_cache.files.fs import CacheFileSystem
+from ray_cache.files.snapshot import SnapshotFileSystem, snapshot
 
-__all__ = ["CacheFileSystem"]
+__all__ = ["CacheFileSystem", "SnapshotFileSystem", "snapshot"]
