@@ -146,6 +146,12 @@ def test_forked_workers_read_pages_held_in_memory_or_only_on_disk(rfs, s3fs_dire
     got = loader_epoch(rfs, paths, blobs)  # mapped straight from the worker's disk tier
     assert got["mapped_pages"] == len(paths) and got["channel_pages"] == 0
     assert data_gets(proxy) == []
+    pages.reader().clear()
+    assert rfs.cat(paths) == dict(zip(paths, blobs))  # this process maps them too ...
+    assert pages.reader().stats()["mapped_pages"] >= len(paths)
+    got = loader_epoch(rfs, paths, blobs)  # ... and its forked children inherit the mappings
+    assert got["mapped_pages"] == 0 and got["channel_pages"] == 0 and got["buffer_hits"] >= len(paths)
+    assert data_gets(proxy) == []
 
 
 def _forked(fn, *args):

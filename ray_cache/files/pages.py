@@ -57,17 +57,8 @@ import ray
 from ray_cache.store import fetch
 from ray_cache.cluster import hashing
 from ray_cache.files.pagebuf import (  # noqa: F401 - re-exported: the page parts are used as pages.*
-    BUFFER_BYTES,
-    MAPPED_BYTES,
-    PAGE_SIZE,
-    Layout,
-    PageBuffers,
-    assemble,
-    clamp,
-    cut,
-    map_page,
-    page_buffer,
-    page_requests,
+    BUFFER_BYTES, MAPPED_BYTES, PAGE_SIZE, Layout, PageBuffers, assemble, clamp, cut, map_page,
+    page_buffer, page_requests,
 )
 from ray_cache.cluster.routing import WORKER_GONE, ask_owners, report_fallback, warn_once
 from ray_cache.cluster import forks, membership
@@ -284,21 +275,23 @@ class PageReader:
 
     def _map(self, req: PageRequest) -> Optional[memoryview]:
         layout = self.layout
-        slot = layout.slot_of(req.key.digest) if layout is not None and self.short_circuit else None
+        if layout is None or not layout.slots or not self.short_circuit:
+            return None
+        o = hashing.owner(req.key.digest, layout.names)
+        slot = layout.slots.get(o)
         if slot is None:
             return None
         buf = map_page(slot, req.key.digest, req.end - req.start)
         if buf is not None:
             self.mapped.put(req.key.digest, None, buf)
             self._count(mapped_pages=1)
-            self._touch(layout, req.key.digest)
+            self._touch(o, req.key.digest)
         return buf
 
-    def _touch(self, layout: Layout, digest: str) -> None:
-        # Report mapped reads to the owner now and then: its recency and hit counters.
+    def _touch(self, o: int, digest: str) -> None:
+        # Report mapped reads to their owner (index ``o``) now and then: its recency and hit counters.
         if self._workers is None and not forks.ray_forked():
             return
-        o = hashing.owner(digest, layout.names)
         with self._lock:
             self._touches.setdefault(o, []).append(digest)
             due = (len(self._touches[o]) >= TOUCH_BATCH
@@ -438,6 +431,11 @@ def _after_fork_in_child() -> None:
         _INHERITED.append(_READER)
         layout = _READER.layout
     _READER = PageReader(layout=layout) if layout is not None else None
+    if _READER is not None and _INHERITED:
+        # Disk-tier mappings survive fork and hold no Ray object: the child keeps them.
+        _READER.mapped = _INHERITED[-1].mapped
+        _READER.mapped._lock = threading.Lock()  # another thread may have held it at the fork
+        _INHERITED[-1].mapped = PageBuffers(0)
     _READER_LOCK = threading.Lock()
 
 
