@@ -16,7 +16,11 @@ in ``[--min-kb, --max-kb]``) through each case, timing every read:
 (d) ``raycache`` cold: fresh cache workers, ``open`` once, then ``seek``/``read``;
 (e) ``raycache`` warm: the same, after the whole object was read through it once (the
     object is 4x this process's 64 MiB of object-store page buffers: other pages are
-    mapped from this node's disk tier, see ``ray_cache.files.pages``).
+    mapped from this node's disk tier, see ``ray_cache.files.pages``);
+(f) ``blockcache`` cold, sequential: another object of the same size read front to back
+    in 1 MiB reads (a checkpoint being loaded), through a fresh cache directory;
+(g) ``raycache`` cold, sequential: the same, through fresh cache workers (pages fetched
+    ahead of the reader, ``ray_cache.files.readahead``).
 
 The warm cases (c) and (e) are timed read by read in turn (which of the two goes first
 alternates), so both see the same machine noise and the same state of the allocator
@@ -201,6 +205,25 @@ def main(argv: Sequence[str] = ()) -> None:
                 gets[name] = gets.get(name, 0) + len(s3_data_gets(via.requests(), BUCKET))
         counts = pages.reader().stats()
 
+        # Cold sequential reads of objects neither cache has seen.
+        seq: Dict[str, float] = {}
+        for name, key, fs_of in (("f blockcache cold, sequential", "seq-f.bin", lambda: fsspec.filesystem(
+                "blockcache", fs=reader_fs(bproxy), cache_storage=os.path.join(tmp, "bc2"),
+                skip_instance_cache=True)),
+                ("g raycache cold, sequential", "seq-g.bin", lambda: CacheFileSystem(
+                    fs=reader_fs(), skip_instance_cache=True))):
+            seq_path = f"{BUCKET}/ranges/{key}"
+            writer.pipe(seq_path, data)
+            pages.reader().clear()
+            log(f"{name}: {args.size_mb} MB in 1 MiB reads")
+            with fs_of().open(seq_path, "rb") as f:
+                t0, parts = time.perf_counter(), []
+                while f.tell() < f.size:
+                    parts.append(f.read(min(1 << 20, f.size - f.tell())))
+                seq[name] = size / 1e6 / (time.perf_counter() - t0)
+            if b"".join(parts) != data:
+                raise AssertionError(f"{name} returned wrong bytes")
+
     command = "python benchmarks/ranges.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(f"Command: `{command.strip()}`\n")
     print(f"Machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
@@ -217,6 +240,11 @@ def main(argv: Sequence[str] = ()) -> None:
     print("|---|---:|---:|---:|---:|")
     for name, r in sorted(results.items()):
         print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mb_s']:.0f} | {gets[name]} |")
+    print("\n| cold sequential read of a whole object (1 MiB reads) | MB/s |\n|---|---:|")
+    for name, mb_s in seq.items():
+        print(f"| {name} | {mb_s:.0f} |")
+    print(f"\nraycache / blockcache, cold sequential: "
+          f"{seq['g raycache cold, sequential'] / seq['f blockcache cold, sequential']:.2f}x")
     warm, block_warm = results["e raycache warm"]["mb_s"], results["c blockcache warm"]["mb_s"]
     print(f"\nraycache warm / blockcache warm: {warm / block_warm:.2f}x (best passes); per pass: "
           + ", ".join(f"{r:.2f}x" for r in ratios) + "; "

@@ -19,7 +19,7 @@ import ray
 
 import ray_cache
 from conftest import data_gets
-from ray_cache.files import pages
+from ray_cache.files import pages, readahead
 from ray_cache.store.errors import ObjectChangedError
 from ray_cache.files.fs import CacheFileSystem
 from ray_cache.store.keys import StoreObject
@@ -64,7 +64,9 @@ def test_ranges_are_assembled_from_pages_and_warm_reads_send_no_data_request(rfs
     s3fs_direct.pipe(path, data)
     proxy.reset()
     assert rfs.cat_file(path, start=3 * MiB, end=9 * MiB) == data[3 * MiB : 9 * MiB]
-    assert len(data_gets(proxy)) == 3, "pages 0, 1 and 2 of 4 MiB, one GET each"
+    gets = data_gets(proxy)
+    assert [r["range"] for r in gets] == [f"bytes=0-{12 * MiB - 1}"], \
+        "pages 0, 1 and 2 of 4 MiB: consecutive cold pages fetched as one part, one GET"
     proxy.reset()
     assert rfs.cat_file(path, start=4 * MiB - 5, end=4 * MiB + 5) == data[4 * MiB - 5 : 4 * MiB + 5]
     assert rfs.cat_ranges([path, path], [0, 5 * MiB], [100, 6 * MiB]) == [data[:100], data[5 * MiB : 6 * MiB]]
@@ -97,8 +99,8 @@ def test_page_fetches_from_s3_carry_their_version_check(cache, s3_server, s3fs_d
     assert rfs.cat_file(path) == data
     reqs = [r for r in proxy.requests() if r["path"].split("?")[0] == "/" + path]
     gets = [r for r in reqs if r["method"] == "GET"]
-    assert len(gets) == 9, "one ranged GET per 1 MiB page"
-    assert {r["if_match"] for r in gets} == {etag}, "each GET is conditional on the planned ETag"
+    assert [r["range"] for r in gets] == [f"bytes=0-{9 * MiB - 1}"], "9 pages, one part, one GET"
+    assert {r["if_match"] for r in gets} == {etag}, "the GET is conditional on the planned ETag"
     assert [r["method"] for r in reqs if r["method"] != "GET"] == ["HEAD"], \
         "one HEAD for info() when planning; no version check after the GETs"
 
@@ -292,3 +294,36 @@ def test_works_in_a_process_without_ray(s3_server, proxy, s3fs_direct, prefix, t
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"n": 5000, "ray": True, "misses": 1}
+
+
+def _pages_got() -> int:  # pages this process got from a worker or mapped from its disk
+    st = pages.reader().stats()
+    return st["worker_pages"] + st["mapped_pages"]
+
+
+def test_a_sequential_reader_fetches_ahead_each_page_once(cache, s3fs_direct, s3fs_proxied, proxy, prefix):
+    data = blob(12 * MiB + 3)
+    path = f"{prefix}/sequential.bin"
+    s3fs_direct.pipe(path, data)
+    rfs = CacheFileSystem(fs=s3fs_proxied, page_size=MiB, skip_instance_cache=True)
+    pages.reader().clear()
+    proxy.reset()
+    got, before = [], pages.reader().stats()["worker_pages"]
+    with rfs.open(path) as f:
+        while chunk := f.read(256 * 1024):
+            got.append(chunk)
+        assert f._ahead.window == readahead.MAX_PAGES, "the window grew while the reads stayed in order"
+    assert b"".join(got) == data
+    spans = sorted(tuple(int(x) for x in r["range"].split("=")[1].split("-")) for r in data_gets(proxy))
+    assert spans[0][0] == 0 and spans[-1][1] == len(data) - 1 and len(spans) < 13
+    assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:])), "each byte fetched once"
+    assert pages.reader().stats()["worker_pages"] - before == 13, \
+        "and received once: a read waits for a page being fetched ahead"
+    pages.reader().clear()
+    before = _pages_got()
+    with rfs.open(path) as f:  # random reads fetch nothing ahead
+        for start in (9 * MiB, 2 * MiB, 7 * MiB, 0):
+            f.seek(start)
+            assert f.read(1000) == data[start:start + 1000]
+        assert f._ahead.window == 0
+    assert _pages_got() - before == 4

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from ray_cache.files import pages
+from ray_cache.files.readahead import Readahead
 from ray_cache.store.keys import StoreObject
 
 #: Disk-tier page mappings one open file keeps for its warm path (address space only).
@@ -30,6 +31,7 @@ class CachedFile(AbstractBufferedFile):
         # read() slices them without asking the process's page buffers (no lock, no call).
         # A mapping pins no memory (only address space), and entries are immutable.
         self._views: Dict[int, memoryview] = {}
+        self._ahead = Readahead(-(-obj.size // self._page_size))
         super().__init__(fs, path, mode="rb", block_size=block_size or fs.page_size,
                          cache_type="none", size=obj.size)
         self.details = info
@@ -49,7 +51,7 @@ class CachedFile(AbstractBufferedFile):
             view = views.get(first)
             if view is not None:
                 base = first * size
-                self.loc = hi
+                self.loc = self._ahead.end = hi
                 pages.reader().count_buffer_hits(1)
                 return view[lo - base:hi - base].tobytes()
         elif all(i in views for i in range(first, last + 1)):
@@ -58,7 +60,7 @@ class CachedFile(AbstractBufferedFile):
             parts = [views[i] for i in range(first, last + 1)]
             parts[0] = parts[0][lo - first * size:]
             parts[-1] = parts[-1][:hi - last * size]
-            self.loc = hi
+            self.loc = self._ahead.end = hi
             pages.reader().count_buffer_hits(len(parts))
             return b"".join(parts)
         out = self._fetch_range(lo, hi)
@@ -78,6 +80,16 @@ class CachedFile(AbstractBufferedFile):
         size = self._page_size
         plan = pages.page_requests(self.obj, lo, hi, size)
         reader = pages.reader()
+        first, last = lo // size, (hi - 1) // size
+        ahead = self._ahead.ahead(lo, hi, last)
+        self._ahead.wait_for(range(first, last + 1))  # pages already being fetched ahead
+        if ahead:
+            obj, target = self.obj, fs.target
+            wanted = {r.start // size: r for r in pages.page_requests(
+                obj, ahead[0] * size, min(obj.size, (ahead[-1] + 1) * size), size)
+                if reader.mapped_view(r.key.digest) is None and reader.buffers.get(r.key.digest) is None}
+            if wanted:
+                self._ahead.start(list(wanted), lambda todo: reader.read_pages(target, [wanted[i] for i in todo]))
         out = reader.read_planned(fs.target, plan, lo, hi)
         for req in plan:
             index = req.start // size

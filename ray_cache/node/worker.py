@@ -192,7 +192,12 @@ class CacheWorker:
         Each item is ``("ok", [ref], nbytes, tier)`` where ``tier`` is ``"memory"``,
         ``"disk"`` or ``"store"``, or ``("err", exception)``.
         """
-        futures = [self._pool.submit(self._serve, fs, req) for req in requests]
+        parts = {}  # consecutive cold pages of one object are fetched as one part
+        for part in fetch.PagePart.group(fs, [r for r in requests if isinstance(r, PageRequest)],
+                                         self._count_store):
+            for r in part.reqs:
+                parts[r.key.digest] = part
+        futures = [self._pool.submit(self._serve, fs, req, parts.get(req.key.digest)) for req in requests]
         for req, fut in zip(requests, futures):
             try:
                 ref, nbytes, tier = fut.result(timeout=WORKER_TIMEOUT_S)
@@ -208,8 +213,10 @@ class CacheWorker:
                 self.cache.count(loaded_entries=1)
             yield item if item[0] == "err" else ("ok", item[2], item[3])
 
-    def _serve(self, fs: Any, req: Request):
+    def _serve(self, fs: Any, req: Request, part: Optional[fetch.PagePart] = None):
         if isinstance(req, PageRequest):
+            if part is not None and len(part.reqs) > 1:
+                return self.cache.get_or_load(req.key, lambda: page_table(part.page(req)))
             return self.cache.get_or_load(
                 req.key, lambda: page_table(fetch.read_page(fs, req, self._count_store))
             )

@@ -198,7 +198,8 @@ class _Proxy:
         rec: dict[str, Any] = {"method": method, "path": target, "status": None,
                                "request_bytes": len(head), "response_bytes": 0,
                                "request_body_bytes": 0, "response_body_bytes": 0,
-                               "if_match": next((v for n, v in headers if n == "if-match"), None)}
+                               "if_match": next((v for n, v in headers if n == "if-match"), None),
+                               "range": next((v for n, v in headers if n == "range"), None)}
         mode, length = _body_mode(headers)
         mode = "none" if mode == "close" else mode  # a request body never runs to EOF
         expect = mode != "none" and "100-continue" in _tokens(headers, "expect")
