@@ -57,7 +57,7 @@ def read_ranges_checked(fs: Any, obj: StoreObject,
     etag = etag_of(obj.version)
     if etag is None or not ranges or not _s3(fs):
         return None
-    from fsspec.asyn import sync
+    from fsspec.asyn import FSTimeoutError, sync
     from s3fs.core import _error_wrapper
 
     bucket, key, _ = fs.split_path(obj.path)
@@ -84,6 +84,8 @@ def read_ranges_checked(fs: Any, obj: StoreObject,
         blobs = sync(fs.loop, every, timeout=READ_TIMEOUT_S)
     except ObjectChangedError:
         raise
+    except FSTimeoutError:
+        raise TimeoutError(f"{obj.url}: no answer from the store in {READ_TIMEOUT_S:g} s") from None
     except Exception as exc:  # noqa: BLE001 - one error table for every store
         if _precondition_failed(exc):
             raise ObjectChangedError(f"{obj.url} changed in the store since it was listed") from None
