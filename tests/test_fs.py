@@ -327,3 +327,24 @@ def test_a_sequential_reader_fetches_ahead_each_page_once(cache, s3fs_direct, s3
             assert f.read(1000) == data[start:start + 1000]
         assert f._ahead.window == 0
     assert _pages_got() - before == 4
+
+
+def test_concurrent_readers_of_one_cold_file_share_its_fetch(cache, s3_server, s3fs_direct, prefix):
+    from ray_cache.testing import CountingProxy
+
+    data = blob(3 * MiB + 11)
+    path = f"{prefix}/shared-cold.bin"
+    s3fs_direct.pipe(path, data)
+    with CountingProxy(s3_server.endpoint_url, latency_ms=400) as slow:
+        far = s3fs.S3FileSystem(**s3_server.storage_options(endpoint_url=slow.url), skip_instance_cache=True)
+        rfs = CacheFileSystem(fs=far, page_size=MiB, skip_instance_cache=True)
+        rfs.info(path)
+
+        @ray.remote(num_cpus=0)
+        def read_all(fs):
+            return fs.cat_file(path)
+
+        got = ray.get([read_all.remote(rfs) for _ in range(6)], timeout=120)
+        gets = [r for r in slow.requests() if r["method"] == "GET" and r["path"].split("?")[0] == "/" + path]
+    assert all(g == data for g in got)
+    assert len(gets) == 1, f"six readers of one cold file: {[r['range'] for r in gets]}"

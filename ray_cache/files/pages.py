@@ -109,6 +109,7 @@ class PageReader:
         self._touches: Dict[int, List[str]] = {}
         self._touched_at = time.monotonic()
         self._touch_calls: List[Any] = []  # reports sent and maybe not yet applied
+        self._toucher: Optional[threading.Thread] = None  # a forked process's report in flight
         self._map_retry: Dict[str, float] = {}  # digest -> when to look for its file again
         self.channels = LocalChannels()
         #: Map pages of this node's disk tier directly (step 2); False: always ask the owner.
@@ -296,7 +297,11 @@ class PageReader:
             self._touches.setdefault(o, []).append(digest)
             due = (len(self._touches[o]) >= TOUCH_BATCH
                    or time.monotonic() - self._touched_at >= TOUCH_EVERY_S)
-        if due:
+        if due and forks.ray_forked():  # a channel call: sent from a thread, reads go on
+            if self._toucher is None or not self._toucher.is_alive():
+                self._toucher = threading.Thread(target=self.flush_touches, daemon=True)
+                self._toucher.start()
+        elif due:
             self.flush_touches()
 
     def flush_touches(self) -> List[Any]:

@@ -158,6 +158,7 @@ class PagePart:
         self.fs, self.reqs, self.count = fs, list(reqs), count
         self._lock = threading.Lock()
         self._data: Optional[memoryview] = None
+        self._error: Optional[BaseException] = None
 
     @classmethod
     def group(cls, fs: Any, reqs: Sequence[PageRequest], count: Optional[Counter] = None,
@@ -176,10 +177,16 @@ class PagePart:
     def page(self, req: PageRequest) -> memoryview:
         """The bytes of ``req`` (one of this part's pages), fetching the part if needed."""
         with self._lock:
+            if self._error is not None:
+                raise self._error  # the part's one read failed: every page of it fails alike
             if self._data is None:
                 first = self.reqs[0]
                 whole = PageRequest(first.key, first.obj, first.start, self.reqs[-1].end)
-                self._data = memoryview(read_page(self.fs, whole, self.count))
+                try:
+                    self._data = memoryview(read_page(self.fs, whole, self.count))
+                except Exception as exc:
+                    self._error = exc
+                    raise
             base = self.reqs[0].start
             return self._data[req.start - base:req.end - base]
 
