@@ -107,6 +107,18 @@ def test_a_forked_dataloader_reads_each_file_once_cold_and_never_warm(cache, fol
         assert sorted(warm) == sorted(cold)
 
 
+def test_spawned_dataloader_workers_read_the_snapshot_without_listing(cache, folder, s3fs_proxied, proxy):
+    root, _local = folder
+    ds = ray_cache.ImageFolder(root, filesystem=s3fs_proxied, loader=bytes)
+    expected = sorted(ds[i] for i in range(len(ds)))  # fills the cache
+    proxy.reset()
+    loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2, collate_fn=list, timeout=120,
+                                         multiprocessing_context="spawn")
+    got = sorted(item for batch in loader for item in batch)
+    assert got == expected
+    assert proxy.requests() == [], "spawned workers got the listing with the dataset and read warm"
+
+
 def test_ray_data_file_readers_through_a_snapshot(cache, folder, s3fs_proxied, s3fs_direct, proxy):
     root, _local = folder
     snap = ray_cache.snapshot(root, filesystem=s3fs_proxied)
