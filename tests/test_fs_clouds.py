@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List
 import ray_cache.testing.gcs as gcs_testing  # sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT before gcsfs loads
 
 import fsspec
+import ray_cache
 import numpy as np
 import pytest
 
@@ -123,3 +124,22 @@ def test_parallel_page_fetches_share_their_version_checks(cache, azure):
     # One HEAD for info() when planning, then version checks: each answered only by a HEAD
     # begun after its GET ended, so at least one; shared, so far fewer than one per page.
     assert 2 <= len(heads) <= 4, [r["method"] for r in reqs]
+
+
+def test_a_snapshot_reads_every_cloud_with_the_versions_of_its_listing(cache, cloud):
+    root = f"{cloud.root}/t-{uuid.uuid4().hex[:8]}"
+    files = {f"{root}/c{i % 2}/f{i}.bin": bytes([i]) * (1000 + i) for i in range(6)}
+    for path, data in files.items():
+        cloud.writer.pipe(path, data)
+    snap = ray_cache.snapshot(f"{cloud.protocol}://{root}", storage_options=cloud.options)
+    assert snap.find(root) == sorted(files)
+    cloud.proxy.reset()
+    assert {p: snap.cat_file(p) for p in files} == files, "listed versions match what the store checks"
+    assert len(cloud.data_gets(cloud.proxy)) == len(files), "one GET per cold file"
+    cloud.proxy.reset()
+    pages.reader().clear()
+    assert {p: snap.cat_file(p) for p in files} == files
+    assert cloud.data_gets(cloud.proxy) == [], "warm: no data request"
+    path = sorted(files)[0]
+    cloud.writer.pipe(path, b"rewritten")
+    assert snap.refresh()["changed"] == 1 and snap.cat_file(path) == b"rewritten"
