@@ -64,6 +64,7 @@ class CacheWorker:
         self.started_at = time.time()
         self._stop = threading.Event()
         self._peers: Dict[str, Any] = {}
+        self._parts: Dict[Tuple[str, str], fetch.PagePart] = {}  # parts being read, by first and last page
         threading.Thread(target=self._export_loop, name="ray-cache-metrics", daemon=True).start()
         self.channel: Optional[ChannelServer] = None
         try:  # for this node's processes that cannot use Ray (forked readers)
@@ -192,11 +193,24 @@ class CacheWorker:
         Each item is ``("ok", [ref], nbytes, tier)`` where ``tier`` is ``"memory"``,
         ``"disk"`` or ``"store"``, or ``("err", exception)``.
         """
-        parts = {}  # consecutive cold pages of one object are fetched as one part
+        parts, mine = {}, []  # consecutive cold pages of one object are fetched as one part
         for part in fetch.PagePart.group(fs, [r for r in requests if isinstance(r, PageRequest)],
                                          self._count_store):
+            span = (part.reqs[0].key.digest, part.reqs[-1].key.digest)
+            with self._lock:  # readers asking for the same part at once share its one read
+                shared = self._parts.setdefault(span, part)
+            if shared is part:
+                mine.append(span)
             for r in part.reqs:
-                parts[r.key.digest] = part
+                parts[r.key.digest] = shared
+        try:
+            yield from self._stream(fs, requests, parts)
+        finally:
+            with self._lock:
+                for span in mine:
+                    self._parts.pop(span, None)
+
+    def _stream(self, fs: Any, requests: Sequence[Request], parts: Dict[str, Any]) -> Iterator[Tuple]:
         futures = [self._pool.submit(self._serve, fs, req, parts.get(req.key.digest)) for req in requests]
         for req, fut in zip(requests, futures):
             try:
