@@ -5,7 +5,8 @@ range is cut into pages of ``page_size`` bytes (default :data:`PAGE_SIZE`); each
 one cache entry, keyed by (protocol, path, version, page size, index) like any other
 entry (:func:`ray_cache.store.fetch.page_key`), owned by the worker that rendezvous hashing
 picks, and served from that worker's memory tier, else its disk tier, else fetched from
-the store once (one ranged GET, then a version check) and kept. Pages share capacity and
+the store once (one ranged GET: conditional on the version on S3, followed by a version
+check elsewhere) and kept. Pages share capacity and
 eviction with the Arrow batches: they live in the same ``LocalCache``.
 
 Why pages are 4 MiB: :mod:`ray_cache.files.pagebuf`.
