@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ray_cache.store import fetch
-from ray_cache.cluster import hashing
 from ray_cache.store.fetch import PageRequest
 from ray_cache.store.keys import StoreObject
 from ray_cache.node.pageentry import page_buffer  # noqa: F401 - pages.page_buffer
@@ -195,6 +194,3 @@ class Layout:
 
     names: List[str]
     slots: Dict[int, str] = field(default_factory=dict)  # owner index -> disk-tier slot here
-
-    def slot_of(self, digest: str) -> Optional[str]:
-        return self.slots.get(hashing.owner(digest, self.names)) if self.names else None

@@ -228,12 +228,9 @@ class CacheWorker:
             yield item if item[0] == "err" else ("ok", item[2], item[3])
 
     def _serve(self, fs: Any, req: Request, part: Optional[fetch.PagePart] = None):
-        if isinstance(req, PageRequest):
-            if part is not None and len(part.reqs) > 1:
-                return self.cache.get_or_load(req.key, lambda: page_table(part.page(req)))
-            return self.cache.get_or_load(
-                req.key, lambda: page_table(fetch.read_page(fs, req, self._count_store))
-            )
+        if isinstance(req, PageRequest):  # every page belongs to a part (get_many)
+            assert part is not None
+            return self.cache.get_or_load(req.key, lambda: page_table(part.page(req)))
 
         def load_unit() -> pa.Table:
             meta = self._metadata(req.obj, req.footer)
