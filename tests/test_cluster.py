@@ -12,7 +12,7 @@ import pytest
 import ray
 
 import ray_cache
-from ray_cache.cluster import routing, membership
+from ray_cache.cluster import hashing, routing, membership
 from ray_cache.readers.datasource import CachedParquetDatasource
 from ray_cache.testing import CountingProxy
 from conftest import BUCKET, data_gets, read_all, write_dataset
@@ -154,7 +154,11 @@ def test_killed_worker_mid_read_falls_back_counted(gpu_nodes, tmp_path, s3fs_dir
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
     ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)  # planned with both workers
-    victim = membership.live_workers()[0]
+    workers = membership.live_workers()
+    objects = ray_cache.store.underfs.list_objects(s3fs_proxied, paths)
+    requests = CachedParquetDatasource(s3fs_proxied, objects, workers).requests
+    names = [w.name for w in workers]
+    victim = workers[hashing.owner(requests[0].key.digest, names)]  # owns at least one unit
     ray.kill(victim.handle, no_restart=True)
     got = read_all(ds)
     assert got.equals(_expected(s3fs_direct, paths))
@@ -193,7 +197,6 @@ def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
     node's are read through the cache (cold: filled once; warm: 0 data GETs)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ray_cache.cluster import hashing
     from ray_cache.files.fs import CacheFileSystem
     from ray_cache.files.pagebuf import PAGE_SIZE, page_requests
     from ray_cache.store.underfs import object_of

@@ -46,6 +46,8 @@ WORKER_GONE = (
     GetTimeoutError,
 )
 _warned: set = set()
+#: How long a reader waits for a surviving worker to count its fallback.
+REPORT_TIMEOUT_S = 5.0
 
 
 def warn_once(name: str, exc: BaseException) -> None:
@@ -59,12 +61,20 @@ def warn_once(name: str, exc: BaseException) -> None:
 
 
 def report_fallback(workers: Sequence[WorkerRef], dead: str, units: int, nbytes: int) -> None:
+    """Count a fallback at a surviving worker, and wait (briefly) until it is counted.
+
+    Waiting makes ``stats()`` read after the read returns include it; the degraded path
+    already paid a store round trip, so one more actor round trip is small. The report is
+    best effort: if no worker answers within ``REPORT_TIMEOUT_S`` the log line still shows it.
+    """
     # Prefer a surviving worker; the "dead" one last, since Ray may have restarted it.
     for w in sorted(workers, key=lambda w: w.name == dead):
         try:
-            w.handle.note_fallback.remote(units, nbytes)
+            ray.get(w.handle.note_fallback.remote(units, nbytes), timeout=REPORT_TIMEOUT_S)
             return
-        except Exception:  # noqa: BLE001 - best effort; the log line still shows it
+        except GetTimeoutError:
+            return  # it may still arrive; sending it elsewhere could count it twice
+        except Exception:  # noqa: BLE001 - this one is gone too; try the next
             continue
 
 

@@ -352,11 +352,12 @@ class PageReader:
                 got.update(again)
             for name, exc in dead.items():
                 warn_once(name, exc)
-            for r in gone:
-                if got[r.key.digest] is _GONE:  # still no answer: the store, counted and reported
-                    got[r.key.digest] = self._direct(fs, r, "fallback")
-                    if workers:
-                        report_fallback(workers, next(iter(dead), ""), 1, r.end - r.start)
+            direct = [r for r in gone if got[r.key.digest] is _GONE]
+            for r in direct:  # still no answer: the store, counted and reported
+                got[r.key.digest] = self._direct(fs, r, "fallback")
+            if direct and workers:
+                report_fallback(workers, next(iter(dead), ""), len(direct),
+                                sum(r.end - r.start for r in direct))
         return got
 
     def _from_workers(self, fs: Any, reqs: Sequence[PageRequest], workers: Sequence[WorkerRef]
