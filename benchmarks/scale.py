@@ -33,6 +33,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from typing import Any, Dict, List, Optional, Sequence
@@ -115,6 +116,92 @@ def settled_stats() -> Dict[str, int]:
     return last
 
 
+class StorePeak:
+    """The most object-store bytes in use over the cluster while a block runs (sampled)."""
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        self.every_s, self.peak, self.spilled = every_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def sample() -> Any:
+        from ray._private import state
+        from ray._private.internal_api import get_memory_info_reply
+
+        return get_memory_info_reply(state.state).store_stats
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(self.sample().object_store_bytes_used))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "StorePeak":
+        self._spilled0 = int(self.sample().spilled_bytes_total)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        last = self.sample()
+        self.peak = max(self.peak, int(last.object_store_bytes_used))
+        self.spilled = int(last.spilled_bytes_total) - self._spilled0
+
+
+def iterate(ds: Any, rows: int) -> float:
+    """Seconds to iterate ``ds`` on the driver in batches of ``BATCH_SIZE``."""
+    got = 0
+    t0 = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=BATCH_SIZE, batch_format="pyarrow"):
+        got += batch.num_rows
+    seconds = time.perf_counter() - t0
+    if got != rows:
+        raise RuntimeError(f"read {got} rows, expected {rows}")
+    return seconds
+
+
+def split_epoch(make: Any, node_ids: Sequence[str], rows: int) -> tuple[float, List[float]]:
+    """One epoch split as Ray Train splits it (``streaming_split(n, equal=True,
+    locality_hints=<the GPU nodes>)``), one consumer pinned to each GPU node: the seconds
+    from calling ``make()`` (which returns the dataset) to the last consumer's last block,
+    and each consumer's share of bytes that were on its own node. Each consumer asks Ray
+    where every block it receives lives (``get_object_locations``: the owner's answer,
+    not ours) before getting it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    class Consumer:
+        def run(self, it: Any) -> tuple[int, int, int]:
+            here = ray.get_runtime_context().get_node_id()
+            local = total = got = 0
+            bundles, _, _ = it._to_ref_bundle_iterator()
+            for bundle in bundles:
+                refs = list(bundle.block_refs)
+                where = ray.experimental.get_object_locations(refs)
+                for ref, meta in zip(refs, bundle.metadata):
+                    size = int(meta.size_bytes or 0)
+                    total += size
+                    local += size if here in where[ref]["node_ids"] else 0
+                got += sum(b.num_rows for b in ray.get(refs))
+            return local, total, got
+
+        def ready(self) -> bool:
+            return True
+
+    consumers = [Consumer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
+                 for n in node_ids]
+    ray.get([c.ready.remote() for c in consumers])
+    t0 = time.perf_counter()
+    splits = make().streaming_split(len(node_ids), equal=True, locality_hints=list(node_ids))
+    results = ray.get([c.run.remote(it) for c, it in zip(consumers, splits)])
+    seconds = time.perf_counter() - t0
+    if sum(r[2] for r in results) != rows:
+        raise RuntimeError(f"split consumers read {sum(r[2] for r in results)} rows, expected {rows}")
+    return seconds, [r[0] / r[1] if r[1] else float("nan") for r in results]
+
+
 def node_id_of(node: Any) -> str:
     """The Ray node id of a node handle from ``Cluster.add_node``."""
     import ray
@@ -132,6 +219,12 @@ def fresh_cache(tmp: str, n: int) -> None:
                     disk_dir=tempfile.mkdtemp(prefix=f"cache-n{n}-", dir=tmp))
 
 
+def membership_workers() -> List[Any]:
+    from ray_cache.cluster import membership
+
+    return sorted(membership.live_workers(), key=lambda w: w.node_id)
+
+
 def measure(reader: Reader, n: int, repeats: int) -> Dict[str, Any]:
     """Cold pass, then ``repeats`` warm passes on a warm cache of ``n`` workers."""
     import ray_cache
@@ -140,8 +233,21 @@ def measure(reader: Reader, n: int, repeats: int) -> Dict[str, Any]:
     (cold_s,), cold_bytes = reader.counted(1)
     before = settled_stats()
     log(f"N={n}: {repeats} warm reads …")
-    times, warm_bytes = reader.counted(repeats)
+    with StorePeak() as peak:
+        times, warm_bytes = reader.counted(repeats)
     after = settled_stats()
+    log(f"N={n}: split consumers, and the in-memory limit …")
+    import ray
+
+    node_ids = [w.node_id for w in membership_workers()]
+    split_s, shares = min((split_epoch(lambda: ray_cache.read_parquet(reader.url, filesystem=reader.fs),
+                                       node_ids, reader.rows) for _ in range(repeats)), key=lambda r: r[0])
+    mem = ray.data.read_parquet(reader.url, filesystem=reader.fs).materialize()
+    mem_times = [iterate(mem, reader.rows) for _ in range(repeats)]
+    mem_split_s, mem_shares = min((split_epoch(lambda: mem, node_ids, reader.rows) for _ in range(repeats)),
+                                  key=lambda r: r[0])
+    del mem
+    limit_s = min(mem_times)
     local = after["bytes_served_local"] - before["bytes_served_local"]
     remote = after["bytes_served_remote"] - before["bytes_served_remote"]
     workers = sorted(ray_cache.status().workers, key=lambda w: w["node_id"])
@@ -151,7 +257,19 @@ def measure(reader: Reader, n: int, repeats: int) -> Dict[str, Any]:
            "cold_store_bytes": cold_bytes, "warm_store_bytes": warm_bytes,
            "warm_bytes_local": local, "warm_bytes_remote": remote,
            "local_share": local / (local + remote) if local + remote else float("nan"),
+           "in_memory_seconds": limit_s, "in_memory_first_seconds": mem_times[0],
+           "ratio": limit_s / best, "ratio_first": mem_times[0] / best,
+           "split_seconds": split_s, "in_memory_split_seconds": mem_split_s,
+           "split_ratio": mem_split_s / split_s, "in_memory_split_local_shares": mem_shares,
+           "split_local_shares": shares, "peak_store_bytes": peak.peak,
+           "spilled_bytes": peak.spilled,
            "entries_per_worker": [int(w.get("entries", -1)) for w in workers]}
+    log(f"N={n}: warm best {best:.3f} s against {limit_s:.3f} s in memory ({row['ratio']:.2f}x; "
+        f"first iteration {mem_times[0]:.3f} s, {row['ratio_first']:.2f}x); split epoch "
+        f"{split_s:.3f} s against {mem_split_s:.3f} s ({row['split_ratio']:.2f}x); "
+        f"split consumers local {', '.join(f'{x:.0%}' for x in shares)} (in memory "
+        f"{', '.join(f'{x:.0%}' for x in mem_shares)}); peak store "
+        f"{peak.peak / 1e6:.0f} MB, spilled {peak.spilled:,}")
     log(f"N={n}: warm best {best:.3f} s ({row['warm_rows_per_s']:,.0f} rows/s), store bytes "
         f"cold {cold_bytes:,} warm {warm_bytes:,}, local share {row['local_share']:.2f}, "
         f"entries {row['entries_per_worker']}")
@@ -166,16 +284,24 @@ def markdown(rows: List[Dict[str, Any]], churn: List[Dict[str, Any]], info: Dict
            f"all raylets on this one machine (GPU nodes declare a GPU they do not have).", "",
            f"Data: {info['rows']:,} rows in {info['files']} files (one row group each), "
            f"{info['parquet_bytes'] / 1e6:.1f} MB of Parquet; warm = best of {info['repeats']}, "
-           f"read tasks (zero_copy=\"auto\"; the driver's node has no worker).", "",
-           "| GPU nodes | cold s | warm s | warm rows/s | store bytes cold | store bytes warm "
-           "| warm served local / remote | entries per worker (units + footers) |",
-           "|---:|---:|---:|---:|---:|---:|---|---|"]
+           f"defaults (the driver's node has no worker); warm s is timed from the "
+           f"`read_parquet` call to the last batch; in-memory s iterates Ray's own "
+           f"`read_parquet(...).materialize()` of the same rows on the same cluster.", "",
+           "| GPU nodes | cold s | warm s | in-memory s (best; first) | warm / in-memory "
+           "(best; first) | warm rows/s | split epoch s (ours; in memory) | split ratio "
+           "| split consumers' bytes from own node (ours; in memory) | peak object store MB "
+           "| spilled | store bytes cold | store bytes warm | entries per worker (units + footers) |",
+           "|---:|---:|---:|---|---|---:|---|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        share = r["local_share"]
+        shares = ", ".join(f"{x:.0%}" for x in r["split_local_shares"])
+        mem_shares = ", ".join(f"{x:.0%}" for x in r["in_memory_split_local_shares"])
         out.append(f"| {r['nodes']} | {r['cold_seconds']:.2f} | {r['warm_seconds']:.2f} "
-                   f"| {r['warm_rows_per_s']:,.0f} | {r['cold_store_bytes']:,} "
-                   f"| {r['warm_store_bytes']:,} | {share:.0%} / {1 - share:.0%} "
-                   f"| {', '.join(map(str, r['entries_per_worker']))} |")
+                   f"| {r['in_memory_seconds']:.3f}; {r['in_memory_first_seconds']:.3f} "
+                   f"| {r['ratio']:.2f}x; {r['ratio_first']:.2f}x "
+                   f"| {r['warm_rows_per_s']:,.0f} | {r['split_seconds']:.2f}; {r['in_memory_split_seconds']:.2f} "
+                   f"| {r['split_ratio']:.2f}x | {shares}; {mem_shares} | {r['peak_store_bytes'] / 1e6:,.0f} "
+                   f"| {r['spilled_bytes']:,} | {r['cold_store_bytes']:,} "
+                   f"| {r['warm_store_bytes']:,} | {', '.join(map(str, r['entries_per_worker']))} |")
     if churn:
         out += ["", "| event | store bytes re-fetched | cold bytes | re-fetched / cold | target "
                 "| ok |", "|---|---:|---:|---:|---|---|"]

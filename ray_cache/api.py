@@ -131,12 +131,14 @@ def read_parquet(
     override_num_blocks : int, optional
         Number of read tasks (default: Ray Data's choice, at most one per cache unit).
     zero_copy : bool or "auto"
-        When every unit is already in memory, return a dataset over the cached objects
-        themselves (in-memory speed; see :mod:`ray_cache.readers.fastpath` for the trade-off).
-        ``False`` always plans read tasks, which fall back to the store if a worker or
-        its node dies mid-read. ``"auto"`` (default): zero-copy when every worker of the
-        read runs on this driver's node (a node loss there ends the driver anyway),
-        read tasks otherwise.
+        When every unit is already in memory, return a materialized dataset instead of
+        read tasks. ``True``: over the cached objects themselves (no copy; see
+        :mod:`ray_cache.readers.fastpath` for the trade-off). ``"auto"`` (default): that
+        when every worker of the read runs on this driver's node (a node loss there ends
+        the driver anyway); otherwise over copies made on each worker's node, owned by
+        this driver, which survive a worker's death and are re-made if a node is lost,
+        taken only when they fit in the object stores
+        (:mod:`ray_cache.readers.nodecopies`). ``False`` always plans read tasks.
     **kwargs
         Ray's scheduling arguments (``num_cpus``, ``concurrency``, ``ray_remote_args``, ...),
         passed on to ``ray.data.read_datasource``. Ray's other ``read_parquet`` arguments
@@ -168,17 +170,19 @@ def read_parquet(
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
     objects = underfs.list_objects(fs, stripped, suffixes=(".parquet", ".parq"))
     workers = _workers()
-    from ray_cache.readers import fastpath
+    from ray_cache.readers import fastpath, nodecopies
     from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
 
     source = CachedParquetDatasource(fs, objects, workers, columns=columns)
-    if zero_copy == "auto":
+    warm = None
+    if zero_copy is not False and not kwargs and override_num_blocks is None and source.uniform_schema:
         here = ray.get_runtime_context().get_node_id()
-        zero_copy = all(w.node_id == here for w in workers)
-    if zero_copy and not kwargs and override_num_blocks is None and source.uniform_schema:
-        ds = fastpath.try_zero_copy(source.requests, workers)
-        if ds is not None:
-            return ds
+        if zero_copy is True or all(w.node_id == here for w in workers):
+            warm = fastpath.try_zero_copy(source.requests, workers)
+        else:
+            warm = nodecopies.plan(fs, source.requests, workers)
+    if warm is not None:
+        return warm
     # One read task per unit by default: asking Ray Data for more blocks than tasks makes
     # it split every block (a copy) after the read.
     blocks = override_num_blocks or max(1, source.num_units)

@@ -148,12 +148,12 @@ def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(gpu_nodes, ray_c
     assert got.equals(_expected(s3fs_direct, paths))
 
 
-def test_killed_worker_mid_read_falls_back_counted(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
+def test_killed_worker_mid_read_tasks_falls_back_counted(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
     _fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=8, rows=4_000, rg_rows=4_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
-    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)  # planned with both workers
+    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied, zero_copy=False)  # read tasks, both workers
     workers = membership.live_workers()
     objects = ray_cache.store.underfs.list_objects(s3fs_proxied, paths)
     requests = CachedParquetDatasource(s3fs_proxied, objects, workers).requests
@@ -255,3 +255,74 @@ def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
         assert warm["channel_pages"] >= sum(o != f"worker-{here}" for o in [
             names[hashing.owner(page_requests(object_of(s3fs_direct, s3fs_direct.info(p), "s3", p),
                                               0, 1, PAGE_SIZE)[0].key.digest, names)] for p in paths])
+
+
+def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
+    """A warm cache of ``files`` units (blocks big enough to live in the object store, not
+    inlined), and a dataset over the copies made on the owners' nodes, waited for."""
+    paths = write_dataset(s3fs_direct, prefix, files=files, rows=30_000, rg_rows=30_000)
+    url = f"s3://{prefix}/"
+    read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    ray.get([w.handle.flush.remote() for w in membership.live_workers()], timeout=60)
+    proxy.reset()
+    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
+    refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    ready, _ = ray.wait(refs, num_returns=len(refs), fetch_local=False, timeout=120)
+    assert len(ready) == len(refs) == 2, "a materialized dataset: one block per node's copy task"
+    return paths, ds, refs
+
+
+def _owner_nodes(fs, paths):
+    """Node id of the worker that owns each file's unit."""
+    workers = membership.live_workers()
+    names = [w.name for w in workers]
+    source = CachedParquetDatasource(fs, ray_cache.store.underfs.list_objects(fs, paths), workers)
+    return {r.obj.path.split("/")[-1]: workers[hashing.owner(r.key.digest, names)].node_id
+            for r in source.requests}
+
+
+def test_warm_read_off_the_cache_nodes_is_copies_on_their_owners_nodes(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    _fresh_cache(tmp_path)
+    assert ray.get_runtime_context().get_node_id() not in _gpu_node_ids(), "driver off the cache nodes"
+    paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
+    owner_of = _owner_nodes(s3fs_direct, paths)
+    assert len(set(owner_of.values())) == 2, "units on both workers"
+    where = ray.experimental.get_object_locations(refs)
+    for ref in refs:
+        files = {f"part-{i // 30_000:03d}.parquet" for i in ray.get(ref)["id"].to_pylist()}
+        assert where[ref]["node_ids"] == list({owner_of[f] for f in files}), "one node: its units' owner"
+    assert read_all(ds).equals(_expected(s3fs_direct, paths))
+    assert data_gets(proxy) == [], "warm: the copies sent nothing to the store"
+
+
+def test_worker_killed_after_the_copies_costs_nothing(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    _fresh_cache(tmp_path)
+    paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
+    it = iter(ds.iter_batches(batch_size=10_000, batch_format="pyarrow"))
+    seen = [next(it)]
+    proxy.reset()
+    for w in membership.live_workers():
+        ray.kill(w.handle, no_restart=True)  # the driver owns the copies: they outlive the workers
+    seen.extend(it)
+    import pyarrow as pa
+
+    assert pa.concat_tables(seen).sort_by("id").equals(_expected(s3fs_direct, paths))
+    assert data_gets(proxy) == []
+
+
+def test_node_lost_after_the_copies_remakes_its_share_from_the_store_counted(
+        gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    _, added = gpu_nodes
+    _fresh_cache(tmp_path)
+    paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=8)
+    leaving = added[0]
+    leaving_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == leaving.node_manager_port)
+    lost = [p for p, node in _owner_nodes(s3fs_direct, paths).items() if node == leaving_id]
+    assert lost, "the leaving node held copies"
+    proxy.reset()
+    ray_cluster.remove_node(leaving)
+    assert read_all(ds).equals(_expected(s3fs_direct, paths))
+    fetched = {r["path"].split("?")[0].split("/")[-1] for r in data_gets(proxy)}
+    assert fetched == set(lost), "exactly the lost node's units came from the store again"
+    assert ray_cache.stats()["fallbacks"] >= len(lost)

@@ -165,6 +165,13 @@ class CacheWorker:
                              bytes_from_cache=nbytes, bytes_from_memory=nbytes)
         return [None if f is None else ([f[0]], f[1]) for f in found]
 
+    def warm_metas(self, digests: Sequence[str]) -> Tuple[List[Optional[Any]], int]:
+        """Block metadata of each key in the memory tier (None for others), and the tier's
+        bytes in use: what the multi-node warm path plans with. Counts nothing: the copy
+        tasks' reads are counted when they come."""
+        found = [self.cache.lookup_memory(d) for d in digests]
+        return [None if f is None else f[1] for f in found], self.cache.memory.used
+
     def touch(self, digests: Sequence[str]) -> int:
         """Count reads of this worker's disk-tier entries that a reader on this node mapped
         directly (``ray_cache.files.pages``), and refresh their recency; returns how many exist."""

@@ -1,0 +1,143 @@
+"""The multi-node warm path: driver-owned copies of the cached blocks, made on their nodes.
+
+When the driver is not on the cache nodes (a head node without GPUs, a notebook, Ray
+Train's controller), a dataset over the workers' own object refs would fail as soon as a
+worker died (``OwnerDiedError``: nothing in Ray Data catches it), and read tasks placed by
+Ray Data move most bytes across nodes and re-run every epoch. Instead, for each node one or
+a few copy tasks are pinned (softly) to it; each asks that node's worker for its units
+(:func:`ray_cache.cluster.routing.read_units`) and returns them. A value a task returns is
+stored on the node that ran it and owned by the caller, so:
+
+- the blocks sit on their owners' nodes, and Ray knows where (``streaming_split``'s
+  locality hints, as Ray Train passes them, match them without an RPC);
+- they outlive the worker that served them: a worker killed mid-iteration costs nothing;
+- a node lost mid-epoch loses its copies, and Ray re-runs their copy task (lineage) on a
+  live node, where the dead worker's units come from the store, counted as fallbacks;
+- the dataset is materialized: every epoch iterates the same blocks, no read task runs.
+
+Memory cost, stated plainly: while the dataset lives, the copies take as many object-store
+bytes as the rows read (next to the memory tier's own). It is taken only when, on every
+node, the memory tier's bytes plus the copies fit in ``COPY_FRACTION`` of the node's object
+store, so the copies never make Ray spill; otherwise :func:`plan` returns None and the read
+uses read tasks, whose memory Ray Data's backpressure bounds. The copies are released when
+the dataset (and every dataset derived from it) is dropped.
+
+Block order: blocks are dealt round-robin over the nodes that hold them (file order within
+a node), so a split's consumers find blocks of their own node all along; Ray Data does not
+promise file order across read tasks either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Dict, List, Optional, Sequence
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ray_cache.cluster import hashing, membership, routing
+from ray_cache.cluster.membership import WorkerRef
+from ray_cache.config import WORKER_TIMEOUT_S
+
+#: Share of a node's object store that the memory tier and the copies may take together.
+COPY_FRACTION = 0.7
+#: Bytes of units one copy task returns, as one block: a few large blocks iterate faster
+#: than many small ones (no batch straddles two), a lost node re-runs only its own tasks,
+#: and iteration can start once the first task is done.
+TASK_BYTES = 64 << 20
+
+
+def _copy_here(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Any:
+    """The units of ``requests``, read through their owner (on this node), as one block."""
+    import pyarrow as pa
+
+    tables = list(routing.read_units(fs, requests, workers))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+_copy_task = ray.remote(num_cpus=0, max_retries=3)(_copy_here)
+
+
+def _merged(metas: Sequence[Any]) -> Any:
+    """The metadata of the block that concatenates blocks of ``metas`` (one schema)."""
+    return dataclasses.replace(metas[0], num_rows=sum(m.num_rows for m in metas),
+                               size_bytes=sum(int(m.size_bytes or 0) for m in metas),
+                               input_files=None, exec_stats=None)
+
+
+def _chunks(items: Sequence[int], sizes: Sequence[int]) -> List[List[int]]:
+    """Consecutive runs of ``items`` of at most ``TASK_BYTES`` each (at least one item)."""
+    out: List[List[int]] = [[]]
+    total = 0
+    for i in items:
+        if out[-1] and total + sizes[i] > TASK_BYTES:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += sizes[i]
+    return [c for c in out if c]
+
+
+def _store_capacity() -> Dict[str, int]:
+    return {n["NodeID"]: int(n.get("Resources", {}).get("object_store_memory", 0))
+            for n in membership.alive_nodes()}
+
+
+def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Optional["ray.data.Dataset"]:
+    """A materialized dataset over node-local copies, or None where the path does not apply.
+
+    It applies when every unit is in its owner's memory tier and the copies fit (see the
+    module docstring); any doubt (a worker not answering, a unit evicted) returns None and
+    the caller plans read tasks, which fall back to the store by themselves.
+    """
+    from ray_cache.readers.fastpath import dataset_from_refs
+
+    names = [w.name for w in workers]
+    if not names or not requests:
+        return None
+    owners = [hashing.owner(r.key.digest, names) for r in requests]
+    by_owner: Dict[int, List[int]] = {}
+    for i, o in enumerate(owners):
+        by_owner.setdefault(o, []).append(i)
+    calls = {o: workers[o].handle.warm_metas.remote([requests[i].key.digest for i in idx])
+             for o, idx in by_owner.items()}
+    metas: List[Any] = [None] * len(requests)
+    used: Dict[int, int] = {}
+    try:
+        for o, idx in by_owner.items():
+            found, used[o] = ray.get(calls[o], timeout=WORKER_TIMEOUT_S)
+            for i, meta in zip(idx, found):
+                if meta is None:
+                    return None
+                metas[i] = meta
+        capacity = _store_capacity()
+    except Exception:  # noqa: BLE001 - any doubt: read tasks, which fall back by themselves
+        return None
+    sizes = [int(m.size_bytes or 0) for m in metas]
+    for o, idx in by_owner.items():
+        room = COPY_FRACTION * capacity.get(workers[o].node_id, 0) - used[o]
+        if sum(sizes[i] for i in idx) > room:
+            return None
+    blocks: Dict[int, List[Any]] = {}  # by owner: (ref, metadata) of each copy task's block
+    for o, idx in by_owner.items():
+        node = NodeAffinitySchedulingStrategy(workers[o].node_id, soft=True)
+        for chunk in _chunks(idx, sizes):
+            ref = _copy_task.options(scheduling_strategy=node).remote(fs, [requests[i] for i in chunk], workers)
+            blocks.setdefault(o, []).append((ref, _merged([metas[i] for i in chunk])))
+    dealt = _round_robin([blocks[o] for o in sorted(blocks)])
+    return dataset_from_refs([ref for ref, _ in dealt], [meta for _, meta in dealt])
+
+
+def _round_robin(groups: Sequence[Sequence[Any]]) -> List[Any]:
+    """One from each group in turn, each group in its own order.
+
+    >>> _round_robin([[0, 2, 4], [1], [3, 5]])
+    [0, 1, 3, 2, 5, 4]
+    """
+    missing = object()
+    return [i for row in itertools.zip_longest(*groups, fillvalue=missing) for i in row if i is not missing]
+
+
+__all__ = ["plan", "COPY_FRACTION", "TASK_BYTES"]
+
