@@ -146,3 +146,44 @@ def tmpdir_factory_local():
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+# -- several raylets: GPU nodes for the cluster tests ---------------------------------
+
+#: A GPU node: one CPU, one (declared) GPU, and a slot a Ray Train worker can ask for by name.
+NODE = dict(num_cpus=1, num_gpus=1, object_store_memory=256 << 20, resources={"gpu_node_slot": 1})
+
+
+@pytest.fixture()
+def gpu_nodes(ray_cluster):
+    """Two extra raylets that declare one GPU each; removed (with their workers) at the end."""
+    added = []
+
+    def add(n: int = 1):
+        new = [ray_cluster.add_node(**NODE) for _ in range(n)]
+        ray_cluster.wait_for_nodes()
+        added.extend(new)
+        return new
+
+    add(2)
+    yield add, added
+    ray_cache.shutdown()
+    for node in added:
+        if node in ray_cluster.list_all_nodes():
+            ray_cluster.remove_node(node)
+
+
+def fresh_cache(tmp_path):
+    """New workers on every cache node, empty tiers under ``tmp_path``."""
+    ray_cache.shutdown()
+    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
+
+
+def gpu_node_ids():
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
+
+
+def expected_rows(fs, paths):
+    import pyarrow as pa
+
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in paths]).sort_by("id")

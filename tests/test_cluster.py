@@ -15,48 +15,10 @@ import ray_cache
 from ray_cache.cluster import hashing, routing, membership
 from ray_cache.readers.datasource import CachedParquetDatasource
 from ray_cache.testing import CountingProxy
-from conftest import BUCKET, data_gets, read_all, write_dataset
+from conftest import BUCKET, expected_rows, fresh_cache, gpu_node_ids, data_gets, read_all, write_dataset
 from ray_cache.testing import s3_data_gets
 
 pytestmark = pytest.mark.slow
-
-NODE = dict(num_cpus=1, num_gpus=1, object_store_memory=256 << 20)
-
-
-@pytest.fixture()
-def gpu_nodes(ray_cluster):
-    """Two extra raylets that declare one GPU each; removed (with their workers) at the end."""
-    added = []
-
-    def add(n: int = 1):
-        new = [ray_cluster.add_node(**NODE) for _ in range(n)]
-        ray_cluster.wait_for_nodes()
-        added.extend(new)
-        return new
-
-    add(2)
-    yield add, added
-    ray_cache.shutdown()
-    for node in added:
-        if node in ray_cluster.list_all_nodes():
-            ray_cluster.remove_node(node)
-
-
-def _fresh_cache(tmp_path):
-    """New workers on every cache node, empty tiers under ``tmp_path``."""
-    ray_cache.shutdown()
-    ray_cache.start(memory_bytes=64 << 20, disk_bytes=128 << 20, disk_dir=str(tmp_path))
-
-
-def _gpu_node_ids():
-    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
-
-
-def _expected(fs, paths):
-    import pyarrow as pa
-
-    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in paths]).sort_by("id")
-
 
 def _fetched_bytes(proxy):
     return sum(r["response_body_bytes"] for r in data_gets(proxy))
@@ -64,8 +26,8 @@ def _fetched_bytes(proxy):
 
 def test_workers_go_to_gpu_nodes_and_new_nodes_join(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
     add, _ = gpu_nodes
-    _fresh_cache(tmp_path)
-    assert {w["node_id"] for w in ray_cache.status().workers} == _gpu_node_ids()
+    fresh_cache(tmp_path)
+    assert {w["node_id"] for w in ray_cache.status().workers} == gpu_node_ids()
     head = ray.get_runtime_context().get_node_id()
     assert head not in {w["node_id"] for w in ray_cache.status().workers}
     add(1)  # a node joins: the next read starts its worker, the others keep running
@@ -73,7 +35,7 @@ def test_workers_go_to_gpu_nodes_and_new_nodes_join(gpu_nodes, tmp_path, s3fs_di
     write_dataset(s3fs_direct, prefix, files=1, rows=2_000, rg_rows=1_000)
     read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied))
     after = {w["node_id"]: w["pid"] for w in ray_cache.status().workers}
-    assert set(after) == _gpu_node_ids() and len(after) == 3
+    assert set(after) == gpu_node_ids() and len(after) == 3
     assert all(after[n] == pid for n, pid in pids.items())
     # workers take no CPU or GPU from training
     assert ray.available_resources().get("GPU", 0) == 3
@@ -83,9 +45,9 @@ def test_workers_go_to_gpu_nodes_and_new_nodes_join(gpu_nodes, tmp_path, s3fs_di
 
 
 def test_warm_cluster_read_sends_no_data_request(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=6, rows=10_000, rg_rows=10_000)
-    want = _expected(s3fs_direct, paths)
+    want = expected_rows(s3fs_direct, paths)
     assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)).equals(want)
     per_worker = [w["misses"] for w in ray_cache.status().workers]
     assert all(m > 0 for m in per_worker), f"keys spread over both workers: {per_worker}"
@@ -98,7 +60,7 @@ def test_warm_cluster_read_sends_no_data_request(gpu_nodes, tmp_path, s3fs_direc
 
 def test_join_refetches_at_most_its_share(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     add, _ = gpu_nodes
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=24, rows=4_000, rg_rows=4_000)
     url = f"s3://{prefix}/"
     proxy.reset()
@@ -108,14 +70,14 @@ def test_join_refetches_at_most_its_share(gpu_nodes, tmp_path, s3fs_direct, s3fs
     proxy.reset()
     got = read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
     moved = _fetched_bytes(proxy)
-    assert got.equals(_expected(s3fs_direct, paths))
+    assert got.equals(expected_rows(s3fs_direct, paths))
     assert len(ray_cache.status().workers) == 3
     assert 0 < moved <= 1.5 / 3 * cold, f"re-fetched {moved} of {cold} bytes after a join"
 
 
 def test_leave_refetches_at_most_what_the_node_held(gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     _, added = gpu_nodes
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=12, rows=4_000, rg_rows=4_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
@@ -126,13 +88,13 @@ def test_leave_refetches_at_most_what_the_node_held(gpu_nodes, ray_cluster, tmp_
     assert leaving_id not in {w["node_id"] for w in ray_cache.status().workers}
     proxy.reset()
     got = read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
-    assert got.equals(_expected(s3fs_direct, paths))
+    assert got.equals(expected_rows(s3fs_direct, paths))
     assert _fetched_bytes(proxy) <= held[leaving_id] * 1.05 + 64 * 1024
 
 
 def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, prefix):
     _, added = gpu_nodes
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=12, rows=4_000, rg_rows=2_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))  # warm the cache
@@ -145,11 +107,11 @@ def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(gpu_nodes, ray_c
     ray_cluster.remove_node(added[0])  # mid-epoch
     seen.extend(it)
     got = pa.concat_tables(seen).sort_by("id")
-    assert got.equals(_expected(s3fs_direct, paths))
+    assert got.equals(expected_rows(s3fs_direct, paths))
 
 
 def test_killed_worker_mid_read_tasks_falls_back_counted(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=8, rows=4_000, rg_rows=4_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
@@ -161,7 +123,7 @@ def test_killed_worker_mid_read_tasks_falls_back_counted(gpu_nodes, tmp_path, s3
     victim = workers[hashing.owner(requests[0].key.digest, names)]  # owns at least one unit
     ray.kill(victim.handle, no_restart=True)
     got = read_all(ds)
-    assert got.equals(_expected(s3fs_direct, paths))
+    assert got.equals(expected_rows(s3fs_direct, paths))
     assert ray_cache.stats()["fallbacks"] > 0, "fallbacks must be visible, not silent"
 
 
@@ -201,7 +163,7 @@ def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
     from ray_cache.files.pagebuf import PAGE_SIZE, page_requests
     from ray_cache.store.underfs import object_of
 
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     rng = np.random.default_rng(3)
     paths = [f"{prefix}/img/{i:03d}.bin" for i in range(24)]
     blobs = [rng.integers(0, 256, 30_000, dtype=np.uint8).tobytes() for _ in paths]
@@ -209,7 +171,7 @@ def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
     rfs = CacheFileSystem(fs=s3fs_proxied, skip_instance_cache=True)
     workers = membership.live_workers()
     names = [w.name for w in workers]
-    here = sorted(_gpu_node_ids())[0]
+    here = sorted(gpu_node_ids())[0]
     owners = {names[hashing.owner(page_requests(object_of(s3fs_direct, s3fs_direct.info(p), "s3", p),
                                                 0, 1, PAGE_SIZE)[0].key.digest, names)]
               for p in paths}
@@ -268,7 +230,7 @@ def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
     ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
     refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
     ready, _ = ray.wait(refs, num_returns=len(refs), fetch_local=False, timeout=120)
-    assert len(ready) == len(refs) == 2, "a materialized dataset: one block per node's copy task"
+    assert len(ready) == len(refs) == files, "a materialized dataset: one block per unit"
     return paths, ds, refs
 
 
@@ -283,8 +245,8 @@ def _owner_nodes(fs, paths):
 
 def test_warm_read_off_the_cache_nodes_is_copies_on_their_owners_nodes(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
-    _fresh_cache(tmp_path)
-    assert ray.get_runtime_context().get_node_id() not in _gpu_node_ids(), "driver off the cache nodes"
+    fresh_cache(tmp_path)
+    assert ray.get_runtime_context().get_node_id() not in gpu_node_ids(), "driver off the cache nodes"
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
     owner_of = _owner_nodes(s3fs_direct, paths)
     assert len(set(owner_of.values())) == 2, "units on both workers"
@@ -292,12 +254,12 @@ def test_warm_read_off_the_cache_nodes_is_copies_on_their_owners_nodes(
     for ref in refs:
         files = {f"part-{i // 30_000:03d}.parquet" for i in ray.get(ref)["id"].to_pylist()}
         assert where[ref]["node_ids"] == list({owner_of[f] for f in files}), "one node: its units' owner"
-    assert read_all(ds).equals(_expected(s3fs_direct, paths))
+    assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
     assert data_gets(proxy) == [], "warm: the copies sent nothing to the store"
 
 
 def test_worker_killed_after_the_copies_costs_nothing(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
     it = iter(ds.iter_batches(batch_size=10_000, batch_format="pyarrow"))
     seen = [next(it)]
@@ -307,14 +269,14 @@ def test_worker_killed_after_the_copies_costs_nothing(gpu_nodes, tmp_path, s3fs_
     seen.extend(it)
     import pyarrow as pa
 
-    assert pa.concat_tables(seen).sort_by("id").equals(_expected(s3fs_direct, paths))
+    assert pa.concat_tables(seen).sort_by("id").equals(expected_rows(s3fs_direct, paths))
     assert data_gets(proxy) == []
 
 
 def test_node_lost_after_the_copies_remakes_its_share_from_the_store_counted(
         gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     _, added = gpu_nodes
-    _fresh_cache(tmp_path)
+    fresh_cache(tmp_path)
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=8)
     leaving = added[0]
     leaving_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == leaving.node_manager_port)
@@ -322,7 +284,26 @@ def test_node_lost_after_the_copies_remakes_its_share_from_the_store_counted(
     assert lost, "the leaving node held copies"
     proxy.reset()
     ray_cluster.remove_node(leaving)
-    assert read_all(ds).equals(_expected(s3fs_direct, paths))
+    assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
     fetched = {r["path"].split("?")[0].split("/")[-1] for r in data_gets(proxy)}
     assert fetched == set(lost), "exactly the lost node's units came from the store again"
     assert ray_cache.stats()["fallbacks"] >= len(lost)
+
+
+def test_copies_that_would_not_fit_leave_the_read_to_read_tasks(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, monkeypatch):
+    from ray.data.dataset import MaterializedDataset
+
+    from ray_cache.readers import nodecopies
+
+    fresh_cache(tmp_path)
+    paths = write_dataset(s3fs_direct, prefix, files=4, rows=30_000, rg_rows=30_000)
+    url = f"s3://{prefix}/"
+    read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    assert isinstance(ray_cache.read_parquet(url, filesystem=s3fs_proxied), MaterializedDataset)
+    monkeypatch.setattr(nodecopies, "COPY_FRACTION", 0.0)  # no room beside the memory tier
+    proxy.reset()
+    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
+    assert not isinstance(ds, MaterializedDataset), "no copies made: read tasks, bounded by Ray Data"
+    assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
+    assert data_gets(proxy) == []

@@ -9,7 +9,9 @@ rows keep their order within a file and files keep the listed order.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, List, Optional, Sequence
+import threading
+from collections import OrderedDict
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 from ray.data import ReadTask
@@ -22,6 +24,38 @@ from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import UNIT_TARGET_BYTES
 from ray_cache.store.fetch import UnitRequest
 from ray_cache.store.keys import EntryKey, StoreObject
+
+
+#: Parsed footers of recently planned object versions, in this process: a footer never
+#: changes for a version, so planning the same files again asks no worker. Bounded by
+#: footer bytes.
+_PARSED: "OrderedDict[Tuple[str, str, str, int], Tuple[bytes, Any, pa.Schema]]" = OrderedDict()
+_PARSED_BYTES = [0]
+_PARSED_LOCK = threading.Lock()
+PARSED_LIMIT_BYTES = 64 << 20
+
+
+def _footers(fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef]
+             ) -> List[Tuple[bytes, Any, pa.Schema]]:
+    """``(footer bytes, FileMetaData, Arrow schema)`` of each object, through the workers
+    for those not parsed here before."""
+    keys = [(o.protocol, o.path, o.version, o.size) for o in objects]
+    with _PARSED_LOCK:
+        found = {i: _PARSED[k] for i, k in enumerate(keys) if k in _PARSED}
+    todo = [i for i in range(len(keys)) if i not in found]
+    for i, footer in zip(todo, routing.footers(fs, [objects[i] for i in todo], workers)):
+        meta = parquet.read_metadata(objects[i].url, objects[i].size, footer)
+        found[i] = (footer, meta, meta.schema.to_arrow_schema())
+    with _PARSED_LOCK:
+        for i, k in enumerate(keys):
+            if k not in _PARSED:
+                _PARSED_BYTES[0] += len(found[i][0])
+            _PARSED[k] = found[i]
+            _PARSED.move_to_end(k)
+        while _PARSED_BYTES[0] > PARSED_LIMIT_BYTES and _PARSED:
+            _, (footer, _, _) = _PARSED.popitem(last=False)
+            _PARSED_BYTES[0] -= len(footer)
+    return [found[i] for i in range(len(keys))]
 
 
 class CachedParquetDatasource(Datasource):
@@ -47,13 +81,10 @@ class CachedParquetDatasource(Datasource):
         self._columns = list(columns) if columns is not None else None
         # The key keeps the caller's column order, so a cached table needs no reordering.
         key_columns = tuple(dict.fromkeys(columns)) if columns is not None else None
-        footers = routing.footers(fs, objects, self._workers)
         self._requests: List[UnitRequest] = []
         self._schema: Optional[pa.Schema] = None
         schemas: List[pa.Schema] = []
-        for obj, footer in zip(objects, footers):
-            meta = parquet.read_metadata(obj.url, obj.size, footer)
-            schema = meta.schema.to_arrow_schema()
+        for obj, (footer, meta, schema) in zip(objects, _footers(fs, objects, self._workers)):
             if self._columns is not None:
                 missing = [c for c in self._columns if c not in schema.names]
                 if missing:

@@ -29,7 +29,6 @@ promise file order across read tasks either.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,28 +41,20 @@ from ray_cache.config import WORKER_TIMEOUT_S
 
 #: Share of a node's object store that the memory tier and the copies may take together.
 COPY_FRACTION = 0.7
-#: Bytes of units one copy task returns, as one block: a few large blocks iterate faster
-#: than many small ones (no batch straddles two), a lost node re-runs only its own tasks,
-#: and iteration can start once the first task is done.
+#: Bytes of units one copy task returns (one block per unit, as read tasks make them:
+#: ``streaming_split``'s equal split hands out whole blocks where it can, and a block it
+#: must cut is cut by a task that may run on another node). Iteration can start once the
+#: first task is done, and a lost node re-runs only its own tasks.
 TASK_BYTES = 64 << 20
 
 
 def _copy_here(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Any:
-    """The units of ``requests``, read through their owner (on this node), as one block."""
-    import pyarrow as pa
-
+    """The table of each of ``requests``, read through its owner (on this node)."""
     tables = list(routing.read_units(fs, requests, workers))
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    return tables[0] if len(tables) == 1 else tuple(tables)
 
 
 _copy_task = ray.remote(num_cpus=0, max_retries=3)(_copy_here)
-
-
-def _merged(metas: Sequence[Any]) -> Any:
-    """The metadata of the block that concatenates blocks of ``metas`` (one schema)."""
-    return dataclasses.replace(metas[0], num_rows=sum(m.num_rows for m in metas),
-                               size_bytes=sum(int(m.size_bytes or 0) for m in metas),
-                               input_files=None, exec_stats=None)
 
 
 def _chunks(items: Sequence[int], sizes: Sequence[int]) -> List[List[int]]:
@@ -119,14 +110,15 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
         room = COPY_FRACTION * capacity.get(workers[o].node_id, 0) - used[o]
         if sum(sizes[i] for i in idx) > room:
             return None
-    blocks: Dict[int, List[Any]] = {}  # by owner: (ref, metadata) of each copy task's block
+    refs: Dict[int, ray.ObjectRef] = {}
     for o, idx in by_owner.items():
         node = NodeAffinitySchedulingStrategy(workers[o].node_id, soft=True)
         for chunk in _chunks(idx, sizes):
-            ref = _copy_task.options(scheduling_strategy=node).remote(fs, [requests[i] for i in chunk], workers)
-            blocks.setdefault(o, []).append((ref, _merged([metas[i] for i in chunk])))
-    dealt = _round_robin([blocks[o] for o in sorted(blocks)])
-    return dataset_from_refs([ref for ref, _ in dealt], [meta for _, meta in dealt])
+            out = _copy_task.options(num_returns=len(chunk), scheduling_strategy=node).remote(
+                fs, [requests[i] for i in chunk], workers)
+            refs.update(zip(chunk, [out] if len(chunk) == 1 else out))
+    order = _round_robin([by_owner[o] for o in sorted(by_owner)])
+    return dataset_from_refs([refs[i] for i in order], [metas[i] for i in order])
 
 
 def _round_robin(groups: Sequence[Sequence[Any]]) -> List[Any]:
