@@ -311,7 +311,7 @@ def markdown(rows: List[Dict[str, Any]], churn: List[Dict[str, Any]], info: Dict
            "| GPU nodes | cold s | warm s | in-memory s (best; first) | warm / in-memory "
            "(best; first) | warm rows/s | split epoch s (ours; in memory) | split ratio "
            "| split consumers' bytes from own node (ours; in memory) | peak object store MB "
-           "| spilled | store bytes cold | store bytes warm | entries per worker (units + footers) |",
+           "| spilled | store bytes cold | store bytes warm | entries per worker |",
            "|---:|---:|---:|---|---|---:|---|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         shares = ", ".join(f"{x:.0%}" for x in r["split_local_shares"])
