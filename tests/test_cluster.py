@@ -307,3 +307,25 @@ def test_copies_that_would_not_fit_leave_the_read_to_read_tasks(
     assert not isinstance(ds, MaterializedDataset), "no copies made: read tasks, bounded by Ray Data"
     assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
     assert data_gets(proxy) == []
+
+
+def test_copies_are_freed_with_the_dataset(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    import gc
+    import time
+
+    from ray._private import state
+    from ray._private.internal_api import get_memory_info_reply
+
+    def store_bytes():
+        return int(get_memory_info_reply(state.state).store_stats.object_store_bytes_used)
+
+    fresh_cache(tmp_path)
+    paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6)
+    copies = sum(b.size_bytes for b in ds.iter_internal_ref_bundles() for b in b.metadata)
+    held = store_bytes()
+    del ds, refs
+    gc.collect()
+    deadline = time.monotonic() + 60
+    while store_bytes() > held - 0.9 * copies and time.monotonic() < deadline:
+        time.sleep(0.2)  # Ray frees objects asynchronously once their last reference is gone
+    assert store_bytes() <= held - 0.9 * copies, "dropping the dataset frees its copies"
