@@ -113,6 +113,7 @@ def read_parquet(
     storage_options: Optional[Dict[str, Any]] = None,
     override_num_blocks: Optional[int] = None,
     zero_copy: Union[bool, str] = "auto",
+    partitioning: Any = "hive",
     **kwargs: Any,
 ) -> "ray.data.Dataset":
     """Read Parquet through the cache: the first read fills it, later reads come from it.
@@ -139,6 +140,9 @@ def read_parquet(
         this driver, which survive a worker's death and are re-made if a node is lost,
         taken only when they fit in the object stores
         (:mod:`ray_cache.readers.nodecopies`). ``False`` always plans read tasks.
+    partitioning : ``ray.data.datasource.Partitioning("hive")``, ``"hive"`` or None
+        As Ray's default: ``key=value`` folders in a file's path become string columns
+        after the file's own (``columns`` may name them). None: no partition columns.
     **kwargs
         Ray's scheduling arguments (``num_cpus``, ``concurrency``, ``ray_remote_args``, ...),
         passed on to ``ray.data.read_datasource``. Ray's other ``read_parquet`` arguments
@@ -159,9 +163,10 @@ def read_parquet(
     >>> ds.count()  # doctest: +SKIP
     1000000
     """
-    from ray_cache.readers.arguments import check_read_args
+    from ray_cache.readers.arguments import check_partitioning, check_read_args
 
     kwargs = check_read_args(kwargs)  # before any listing: refused, never ignored
+    partitioning = check_partitioning(partitioning)
     if zero_copy not in (True, False, "auto"):
         raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
     if columns is not None:
@@ -173,7 +178,7 @@ def read_parquet(
     from ray_cache.readers import fastpath, nodecopies
     from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
 
-    source = CachedParquetDatasource(fs, objects, workers, columns=columns)
+    source = CachedParquetDatasource(fs, objects, workers, columns=columns, partitioning=partitioning)
     warm = None
     if zero_copy is not False and not kwargs and override_num_blocks is None and source.uniform_schema:
         here = ray.get_runtime_context().get_node_id()

@@ -22,7 +22,7 @@ TypeError: ray_cache.read_parquet() got an unexpected keyword argument 'filter' 
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 #: Passed to ``ray.data.read_datasource`` as they are.
 PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", "fallback_strategy",
@@ -30,7 +30,6 @@ PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", 
 
 #: Ray's arguments not implemented here yet -> the value that means what ray_cache does.
 NOT_YET: Dict[str, Any] = {
-    "partitioning": None,  # Ray's default reads hive partition columns; ray_cache does not yet
     "partition_filter": None,
     "shuffle": None,
     "schema": None,
@@ -44,6 +43,23 @@ NOT_YET: Dict[str, Any] = {
     "meta_provider": None,
     "parallelism": -1,
 }
+
+
+def check_partitioning(value: Any) -> Optional[str]:
+    """``"hive"`` (Ray's default: ``Partitioning("hive")``) or None (no partition columns);
+    other partitioning schemes raise ``ValueError`` saying what is allowed.
+
+    >>> check_partitioning(None) is None, check_partitioning("hive")
+    (True, 'hive')
+    """
+    if value is None or value == "hive":
+        return value
+    style = getattr(value, "style", None)
+    if getattr(style, "value", style) == "hive" and not getattr(value, "base_dir", None) \
+            and not getattr(value, "field_names", None) and not getattr(value, "field_types", None):
+        return "hive"
+    raise ValueError(f"ray_cache.read_parquet supports partitioning=Partitioning('hive') (the default, "
+                     f"partition columns as strings) or None, not {value!r} yet")
 
 
 def check_read_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:

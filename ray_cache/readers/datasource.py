@@ -74,6 +74,7 @@ class CachedParquetDatasource(Datasource):
         workers: Sequence[WorkerRef],
         columns: Optional[Sequence[str]] = None,
         unit_bytes: int = UNIT_TARGET_BYTES,
+        partitioning: Optional[str] = "hive",
     ) -> None:
         super().__init__()
         self._fs = fs
@@ -85,19 +86,27 @@ class CachedParquetDatasource(Datasource):
         self._schema: Optional[pa.Schema] = None
         schemas: List[pa.Schema] = []
         for obj, (footer, meta, schema) in zip(objects, _footers(fs, objects, self._workers)):
+            # Hive partition columns (Ray's default): strings, after the file's own columns;
+            # a file column of the same name wins.
+            parts = parquet.hive_partitions(obj.path) if partitioning == "hive" else ()
+            parts = tuple((k, v) for k, v in parts if k not in schema.names)
             if self._columns is not None:
-                missing = [c for c in self._columns if c not in schema.names]
+                parts = tuple((k, v) for k, v in parts if k in self._columns)
+            full = pa.schema(list(schema) + [pa.field(k, pa.string()) for k, _ in parts])
+            if self._columns is not None:
+                missing = [c for c in self._columns if c not in full.names]
                 if missing:
                     raise ValueError(
-                        f"columns {missing} not in {obj.url}; its columns are {schema.names}"
+                        f"columns {missing} not in {obj.url}; its columns are {full.names}"
                     )
-                schema = pa.schema([schema.field(c) for c in self._columns])
-            schemas.append(schema)
+                full = pa.schema([full.field(c) for c in self._columns])
+            schemas.append(full)
+            names = {k for k, _ in parts}
+            decode = None if key_columns is None else tuple(c for c in key_columns if c not in names)
+            kind = "rg" if not parts else "rg+hive:" + "\x1f".join(k for k, _ in parts)
             for unit in parquet.plan_units(meta, unit_bytes):
-                key = EntryKey(
-                    obj.protocol, obj.path, obj.version, "rg", unit.start, unit.stop, key_columns
-                )
-                self._requests.append(UnitRequest(key, obj, footer, unit, key_columns))
+                key = EntryKey(obj.protocol, obj.path, obj.version, kind, unit.start, unit.stop, key_columns)
+                self._requests.append(UnitRequest(key, obj, footer, unit, decode, parts))
         self._paths = [o.url for o in objects]
         #: Whether every file has the same schema; else tables are conformed to the
         #: unified one as they are read (Ray Data's schema evolution).

@@ -26,7 +26,10 @@ class UnitRequest:
     obj: StoreObject
     footer: bytes
     unit: parquet.Unit
+    #: The file's columns to decode (None: all).
     columns: Optional[Tuple[str, ...]]
+    #: Hive partition columns appended after decoding, then ordered as ``key.columns``.
+    partitions: Tuple[Tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,8 @@ def read_unit(
     blobs = fetch(ranges)
     fetch.done()
     segments = {start: blob for (start, _end), blob in zip(ranges, blobs)}
-    return parquet.decode_unit(obj.size, req.footer, meta, req.unit, req.columns, segments)
+    table = parquet.decode_unit(obj.size, req.footer, meta, req.unit, req.columns, segments)
+    return parquet.with_partitions(table, req.partitions, req.key.columns) if req.partitions else table
 
 
 #: Consecutive cold pages of one object are fetched together, one ranged GET per up to this

@@ -201,6 +201,37 @@ def decode_unit(
     )
 
 
+def hive_partitions(path: str) -> Tuple[Tuple[str, str], ...]:
+    """``(key, value)`` of each ``key=value`` folder in ``path``, outermost first, values
+    URL-decoded: Ray Data's hive rule (it reads them whatever the base folder).
+
+    >>> hive_partitions("bucket/t/year=2025/month=1/part-0.parquet")
+    (('year', '2025'), ('month', '1'))
+    >>> hive_partitions("bucket/t/a%3Db/city=New%20York/x.parquet")
+    (('city', 'New York'),)
+    """
+    from urllib.parse import unquote
+
+    folders = path.split("/")[:-1]
+    return tuple((k, unquote(v)) for k, v in (d.split("=") for d in folders if d and d.count("=") == 1))
+
+
+def with_partitions(table: pa.Table, partitions: Sequence[Tuple[str, str]],
+                    columns: Optional[Sequence[str]]) -> pa.Table:
+    """``table`` with a string column for each partition appended (as Ray Data adds them),
+    then put in ``columns`` order when the caller named columns.
+
+    >>> t = with_partitions(pa.table({"x": [1, 2]}), [("year", "2025")], None)
+    >>> t.column_names, t["year"].to_pylist()
+    (['x', 'year'], ['2025', '2025'])
+    >>> with_partitions(pa.table({"x": [1]}), [("year", "2025")], ["year", "x"]).column_names
+    ['year', 'x']
+    """
+    for key, value in partitions:
+        table = table.append_column(pa.field(key, pa.string()), pa.repeat(pa.scalar(value, pa.string()), table.num_rows))
+    return table.select(list(columns)) if columns is not None else table
+
+
 def unify_schemas(schemas: Sequence[pa.Schema], names: Sequence[str]) -> pa.Schema:
     """One schema for files whose schemas differ, as Ray Data reads them: every column of
     the first file in its order, then each column a later file adds, in order of first
