@@ -8,7 +8,7 @@ about 1/N of them.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence, TypeVar
+from typing import Dict, List, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -37,6 +37,19 @@ def owner(key: str, members: Sequence[str]) -> int:
         if s > best_score:
             best, best_score = i, s
     return best
+
+
+def group(keys: Sequence[str], members: Sequence[str]) -> Dict[int, List[int]]:
+    """Positions in ``keys`` by the index of the member that owns each, in key order.
+
+    >>> g = group(["a", "b", "c"], ["only"])
+    >>> g
+    {0: [0, 1, 2]}
+    """
+    out: Dict[int, List[int]] = {}
+    for i, key in enumerate(keys):
+        out.setdefault(owner(key, members), []).append(i)
+    return out
 
 
 def rank(key: str, members: Sequence[str]) -> list:

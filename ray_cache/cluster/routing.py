@@ -81,10 +81,7 @@ def report_fallback(workers: Sequence[WorkerRef], dead: str, units: int, nbytes:
 def footers(fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef]) -> List[bytes]:
     """Footer bytes for each object, through the owning workers (store on fallback)."""
     names = [w.name for w in workers]
-    by_owner: Dict[int, List[int]] = {}
-    for i, obj in enumerate(objects):
-        digest = fetch.footer_key(obj).digest
-        by_owner.setdefault(hashing.owner(digest, names), []).append(i)
+    by_owner = hashing.group([fetch.footer_key(obj).digest for obj in objects], names)
     calls = {
         o: workers[o].handle.footers.remote(fs, [objects[i] for i in idx])
         for o, idx in by_owner.items()

@@ -26,36 +26,42 @@ from ray_cache.store.fetch import UnitRequest
 from ray_cache.store.keys import EntryKey, StoreObject
 
 
-#: Parsed footers of recently planned object versions, in this process: a footer never
-#: changes for a version, so planning the same files again asks no worker. Bounded by
-#: footer bytes.
-_PARSED: "OrderedDict[Tuple[str, str, str, int], Tuple[bytes, Any, pa.Schema]]" = OrderedDict()
-_PARSED_BYTES = [0]
-_PARSED_LOCK = threading.Lock()
-PARSED_LIMIT_BYTES = 64 << 20
+#: One parsed footer: its bytes, pyarrow's metadata and the Arrow schema.
+Parsed = Tuple[bytes, Any, pa.Schema]
 
 
-def _footers(fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef]
-             ) -> List[Tuple[bytes, Any, pa.Schema]]:
-    """``(footer bytes, FileMetaData, Arrow schema)`` of each object, through the workers
-    for those not parsed here before."""
-    keys = [(o.protocol, o.path, o.version, o.size) for o in objects]
-    with _PARSED_LOCK:
-        found = {i: _PARSED[k] for i, k in enumerate(keys) if k in _PARSED}
-    todo = [i for i in range(len(keys)) if i not in found]
-    for i, footer in zip(todo, routing.footers(fs, [objects[i] for i in todo], workers)):
-        meta = parquet.read_metadata(objects[i].url, objects[i].size, footer)
-        found[i] = (footer, meta, meta.schema.to_arrow_schema())
-    with _PARSED_LOCK:
-        for i, k in enumerate(keys):
-            if k not in _PARSED:
-                _PARSED_BYTES[0] += len(found[i][0])
-            _PARSED[k] = found[i]
-            _PARSED.move_to_end(k)
-        while _PARSED_BYTES[0] > PARSED_LIMIT_BYTES and _PARSED:
-            _, (footer, _, _) = _PARSED.popitem(last=False)
-            _PARSED_BYTES[0] -= len(footer)
-    return [found[i] for i in range(len(keys))]
+class _ParsedFooters:
+    """Parsed footers of recently planned object versions, in this process: a footer never
+    changes for a version, so planning the same files again asks no worker. LRU, bounded
+    by footer bytes."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._lock = threading.Lock()
+        self._items: "OrderedDict[Tuple[str, str, str, int], Parsed]" = OrderedDict()
+        self._bytes = 0
+
+    def __call__(self, fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef]) -> List[Parsed]:
+        """Each object's parsed footer, through the workers for those not parsed here before."""
+        keys = [(o.protocol, o.path, o.version, o.size) for o in objects]
+        with self._lock:
+            found = {i: self._items[k] for i, k in enumerate(keys) if k in self._items}
+        todo = [i for i in range(len(keys)) if i not in found]
+        for i, footer in zip(todo, routing.footers(fs, [objects[i] for i in todo], workers)):
+            meta = parquet.read_metadata(objects[i].url, objects[i].size, footer)
+            found[i] = (footer, meta, meta.schema.to_arrow_schema())
+        with self._lock:
+            for i, k in enumerate(keys):
+                if k not in self._items:
+                    self._bytes += len(found[i][0])
+                self._items[k] = found[i]
+                self._items.move_to_end(k)
+            while self._bytes > self.limit_bytes and self._items:
+                self._bytes -= len(self._items.popitem(last=False)[1][0])
+        return [found[i] for i in range(len(keys))]
+
+
+_footers = _ParsedFooters(limit_bytes=64 << 20)
 
 
 class CachedParquetDatasource(Datasource):

@@ -47,24 +47,16 @@ def try_zero_copy(requests: Sequence[Any], workers: Sequence[Any]) -> Optional["
     names = [w.name for w in workers]
     if not names or not requests:
         return None
-    owners = [hashing.owner(r.key.digest, names) for r in requests]
-    calls = {}
-    for o in sorted(set(owners)):
-        digests = [r.key.digest for r, ow in zip(requests, owners) if ow == o]
-        calls[o] = (digests, workers[o].handle.lookup.remote(digests))
-    found = {}
+    by_owner = hashing.group([r.key.digest for r in requests], names)
+    calls = {o: workers[o].handle.lookup.remote([requests[i].key.digest for i in idx])
+             for o, idx in by_owner.items()}
+    found: List[Any] = [None] * len(requests)
     try:
-        for o, (digests, call) in calls.items():
-            for digest, item in zip(digests, ray.get(call, timeout=30)):
+        for o, idx in by_owner.items():
+            for i, item in zip(idx, ray.get(calls[o], timeout=30)):
                 if item is None:
                     return None
-                found[digest] = item
+                found[i] = item
     except Exception:  # noqa: BLE001 - any doubt: take the read-task path, which falls back
         return None
-    refs: List[ray.ObjectRef] = []
-    metas: List[Any] = []
-    for r in requests:
-        (ref,), meta = found[r.key.digest]
-        refs.append(ref)
-        metas.append(meta)
-    return dataset_from_refs(refs, metas)
+    return dataset_from_refs([item[0][0] for item in found], [item[1] for item in found])

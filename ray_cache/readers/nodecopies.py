@@ -87,10 +87,7 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
     names = [w.name for w in workers]
     if not names or not requests:
         return None
-    owners = [hashing.owner(r.key.digest, names) for r in requests]
-    by_owner: Dict[int, List[int]] = {}
-    for i, o in enumerate(owners):
-        by_owner.setdefault(o, []).append(i)
+    by_owner = hashing.group([r.key.digest for r in requests], names)
     calls = {o: workers[o].handle.warm_metas.remote([requests[i].key.digest for i in idx])
              for o, idx in by_owner.items()}
     metas: List[Any] = [None] * len(requests)
