@@ -26,7 +26,7 @@ log = logging.getLogger("ray_cache")
 PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 #: Counters summed over workers by :func:`stats`.
-STAT_FIELDS = COUNTERS + ("evictions", "memory_evictions", "disk_evictions")
+STAT_FIELDS = COUNTERS + ("evictions", "memory_evictions", "disk_evictions", "damaged_entries")
 
 
 def start(

@@ -11,6 +11,7 @@ restart (the disk tier keeps the label in each file).
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import json
 import logging
@@ -61,6 +62,10 @@ class LocalCache:
         self.memory = MemoryTier(cfg.memory_bytes, cfg.policy)
         self.disk = DiskTier(cfg.disk_dir, cfg.disk_bytes, cfg.policy)
         self.labels: Dict[str, Tuple[str, str]] = dict(self.disk.labels)
+        # Keys a tier let go of: their labels go once neither tier holds them
+        # (appended under a tier's lock, so only a deque append: no lock of ours).
+        self._left: "collections.deque[str]" = collections.deque()
+        self.memory.on_remove = self.disk.on_remove = self._left.append
         self.expires: Dict[str, float] = {}
         self.counters: Dict[str, int] = {name: 0 for name in COUNTERS}
         self._lock = threading.Lock()
@@ -123,6 +128,7 @@ class LocalCache:
                 return self.memory.put(digest, table), table.nbytes, "disk"
             table = load()
             ref = self.memory.put(digest, table)
+            self.prune_labels()
             with self._lock:
                 self.labels[digest] = (key.protocol, key.path)
             self._write_behind(digest, table, (key.protocol, key.path))
@@ -162,11 +168,14 @@ class LocalCache:
     # -- writes to disk ------------------------------------------------------------
     def _write_behind(self, digest: str, table: pa.Table, label: Tuple[str, str]) -> None:
         def write() -> None:
+            stored = False
             try:
-                self.disk.put(digest, table, label)
+                stored = self.disk.put(digest, table, label)
             except OSError as exc:
                 self.count(disk_write_errors=1)
                 log.warning("ray_cache: disk tier write failed: %s", exc)
+            if not stored:
+                self._left.append(digest)  # its label goes if memory did not keep it either
 
         fut = self._writer.submit(write)
         with self._lock:
@@ -176,6 +185,18 @@ class LocalCache:
     def _written(self, fut: Future) -> None:
         with self._lock:
             self._pending.discard(fut)
+
+    def prune_labels(self) -> int:
+        """Forget the labels (and expiry) of entries neither tier holds any more; returns
+        how many went. Runs on every fill, so labels never outgrow the tiers' contents."""
+        gone = 0
+        with self._lock:  # lock order: ours, then a tier's (tiers never take ours)
+            while self._left:
+                d = self._left.popleft()
+                if d not in self.memory and d not in self.disk and d not in self._inflight:
+                    gone += self.labels.pop(d, None) is not None
+                    self.expires.pop(d, None)
+        return gone
 
     def flush(self) -> int:
         """Wait for background disk writes; returns how many were pending."""
@@ -188,6 +209,7 @@ class LocalCache:
     # -- management by path ----------------------------------------------------------
     def digests_matching(self, protocol: str, patterns: Sequence[str]) -> List[str]:
         """Entries whose object path matches any pattern (see :func:`matches`)."""
+        self.prune_labels()
         with self._lock:
             labels = list(self.labels.items())
         return [d for d, (proto, path) in labels if proto == protocol and any(matches(path, p) for p in patterns)]
@@ -207,18 +229,22 @@ class LocalCache:
         return n
 
     def pin(self, digests: Sequence[str]) -> Dict[str, int]:
-        """Pin entries in every tier that holds them, or raise without pinning any."""
+        """Pin entries in every tier that holds them, or raise without pinning any.
+
+        Room is checked and taken under both tiers' locks (memory's, then disk's), so two
+        pins at once cannot both pass a check that only one of them fits.
+        """
         self.flush()
-        for tier in (self.memory, self.disk):
-            with tier.lock:
+        with self.memory.lock, self.disk.lock:
+            for tier in (self.memory, self.disk):
                 new = sum(tier.sizes.get(d, 0) for d in digests if d not in tier.pinned)
                 if tier.pinned_bytes + new > tier.capacity:
                     raise PinCapacityError(
                         f"pinning {new} more bytes would exceed the {tier.name} tier: "
                         f"{tier.pinned_bytes} of {tier.capacity} bytes already pinned"
                     )
-        self.memory.pin(digests)
-        self.disk.pin(digests)
+            self.memory.pin(digests)
+            self.disk.pin(digests)
         self._save_state()
         return {"memory": self.memory.pinned_bytes, "disk": self.disk.pinned_bytes}
 
@@ -257,6 +283,7 @@ class LocalCache:
 
     # -- status ----------------------------------------------------------------------
     def status(self) -> Dict[str, Any]:
+        self.prune_labels()
         with self._lock:
             counters = dict(self.counters)
         return dict(
@@ -272,5 +299,7 @@ class LocalCache:
             evictions=self.memory.evictions + self.disk.evictions,
             memory_evictions=self.memory.evictions,
             disk_evictions=self.disk.evictions,
+            damaged_entries=self.disk.damaged,
+            labels=len(self.labels),
             **counters,
         )

@@ -41,6 +41,12 @@ class _ParsedFooters:
         self._items: "OrderedDict[Tuple[str, str, str, int], Parsed]" = OrderedDict()
         self._bytes = 0
 
+    def clear(self) -> None:
+        """Forget every parsed footer (the next plan asks the workers again)."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     def __call__(self, fs: Any, objects: Sequence[StoreObject], workers: Sequence[WorkerRef]) -> List[Parsed]:
         """Each object's parsed footer, through the workers for those not parsed here before."""
         keys = [(o.protocol, o.path, o.version, o.size) for o in objects]

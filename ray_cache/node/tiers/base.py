@@ -8,7 +8,7 @@ stored, and an entry larger than the whole tier is refused.
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ray_cache.node.tiers.policy import EvictionPolicy, make_policy
 
@@ -29,6 +29,8 @@ class Tier:
         self.evictions = 0
         self.pinned: set = set()
         self.lock = threading.RLock()
+        #: Called with each key that leaves (evicted or removed), under the lock.
+        self.on_remove: Callable[[str], None] = lambda key: None
 
     # -- storage hooks -------------------------------------------------------------
     def _drop(self, key: str) -> None:
@@ -114,6 +116,7 @@ class Tier:
             self.used -= nbytes
             self.policy.remove(key)
             self._drop(key)
+            self.on_remove(key)
             return nbytes
 
     def resize(self, capacity: int) -> List[str]:

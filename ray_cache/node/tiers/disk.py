@@ -5,21 +5,30 @@ Several workers may share one filesystem (several raylets on one host, or a shar
 ``flock`` on ``slot-N.lock`` for its whole life. A restarted worker (or a new Ray
 session) claims a free slot, usually the same one, and re-indexes the files it finds:
 the disk tier survives worker and Ray restarts. Files are written to a temporary name and
-renamed into place, so a crash never leaves a half-written entry under a real name, and
-each file carries its key's digest in its schema metadata, checked on every read.
+renamed into place, so a crash never leaves a half-written entry under a real name.
+Each file carries its key's digest in its schema metadata and ends with a checksum of
+its contents (:mod:`ray_cache.node.tiers.checksum`), both checked on every read: a damaged
+or truncated entry is dropped (counted as ``damaged_entries``) and re-fetched, never
+served. An entry is admitted before it is written (its exact size is known from a dry
+run of the writer), so a refused entry costs no disk write.
 Directories are ``0700`` and files ``0600``: only the owner can read cached data.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
+import mmap
 import os
 import uuid
 from typing import List, Optional, Tuple
 
 import pyarrow as pa
 
+from ray_cache.node.tiers import checksum
 from ray_cache.node.tiers.base import Tier
+
+log = logging.getLogger("ray_cache.node.tiers.disk")
 
 _KEY_FIELD = b"ray_cache.key"
 _PROTOCOL_FIELD = b"ray_cache.protocol"
@@ -58,7 +67,9 @@ class DiskTier(Tier):
         super().__init__(capacity, policy)
         self.root = root
         self.slot, self._lock_fd = claim_slot(root)
-        self.corrupt_dropped = 0
+        #: Entries found damaged (checksum, key or structure) and dropped.
+        self.damaged = 0
+        self._writing: set = set()  # admitted, file not yet in place
         #: ``key -> (protocol, path)`` of each entry, read back from files on re-index.
         self.labels: dict = {}
         self._reindex()
@@ -83,7 +94,7 @@ class DiskTier(Tier):
                     key = name[: -len(_SUFFIX)]
                     label = _read_label(full, key)
                     if label is None:  # damaged or foreign: never served, so remove it
-                        self.corrupt_dropped += 1
+                        self.damaged += 1
                         os.unlink(full)
                         continue
                     st = os.stat(full)
@@ -105,14 +116,20 @@ class DiskTier(Tier):
             pass
 
     def get(self, key: str) -> Optional[pa.Table]:
-        """Read an entry (memory-mapped), or None on a miss or a damaged file."""
-        if key not in self:
-            return None
+        """Read an entry (memory-mapped, checksum verified), or None on a miss or a
+        damaged file (which is dropped)."""
+        with self.lock:
+            if key not in self.sizes or key in self._writing:
+                return None
         path = self._path(key)
         table = read_entry(path, key)
         if table is None:
-            self.corrupt_dropped += 1
-            self.remove(key)
+            with self.lock:
+                if key in self._writing or key not in self.sizes:
+                    return None  # replaced or dropped meanwhile: a miss, not damage
+                self.damaged += 1
+                self.remove(key)
+            log.warning("ray_cache: dropped a damaged disk-tier entry %s; it will be re-fetched", key)
             return None
         meta = table.schema.metadata or {}
         table = table.replace_schema_metadata(
@@ -123,10 +140,12 @@ class DiskTier(Tier):
         return table
 
     def put(self, key: str, table: pa.Table, label: tuple = ("", "")) -> bool:
-        """Write ``table`` as an IPC file if it fits; returns whether it was stored.
+        """Write ``table`` as a sealed IPC file if the tier admits it; returns whether it
+        was stored.
 
         ``label`` is the entry's ``(protocol, path)``, kept in the file so that entries can
-        be freed by path after a restart.
+        be freed by path after a restart. Admission comes first, with the file's exact
+        size: a refused entry is never written.
         """
         if key in self:
             self.touch(key)
@@ -136,27 +155,36 @@ class DiskTier(Tier):
         meta[_PROTOCOL_FIELD] = label[0].encode()
         meta[_PATH_FIELD] = label[1].encode()
         tagged = table.replace_schema_metadata(meta)
+        size = _ipc_size(tagged) + checksum.TRAILER_BYTES
+        with self.lock:
+            if not self.reserve(key, size):
+                return False
+            self._writing.add(key)
         directory = os.path.dirname(self._path(key))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{key}-{uuid.uuid4().hex}")
-        reserved = False
         try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as raw, pa.ipc.new_file(raw, tagged.schema) as writer:
                 writer.write_table(tagged)
-            reserved = self.reserve(key, os.path.getsize(tmp))
-            if not reserved:
-                os.unlink(tmp)
-                return False
-            os.replace(tmp, self._path(key))
+            written = checksum.seal(tmp)
             with self.lock:
+                self._writing.discard(key)
+                if key not in self.sizes:  # evicted or dropped while being written
+                    os.unlink(tmp)
+                    return False
+                if written != size:  # the dry run is exact; keep the books right if not
+                    self.used += written - size
+                    self.sizes[key] = written
+                os.replace(tmp, self._path(key))
                 self.labels[key] = tuple(label)
             return True
-        except OSError:
+        except BaseException:
+            with self.lock:
+                self._writing.discard(key)
+                self.remove(key)
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            if reserved:
-                self.remove(key)
             raise
 
 
@@ -165,16 +193,26 @@ def entry_path(slot: str, key: str) -> str:
     return os.path.join(slot, key[:2], key + _SUFFIX)
 
 
-def read_entry(path: str, key: str) -> Optional[pa.Table]:
+def read_entry(path: str, key: str, verify: bool = True) -> Optional[pa.Table]:
     """The entry file at ``path``, memory-mapped, if it is a valid entry for ``key``; else None.
 
     The one place that reads an entry file: the tier itself, its re-index and same-node
-    page readers (:mod:`ray_cache.files.pages`) all go through it, so the key check is never
-    skipped. The returned table's buffers stay mapped after the file is closed.
+    page readers (:mod:`ray_cache.files.pages`) all go through it (or through
+    :func:`ray_cache.node.tiers.ipcpage.map_page_file`, which checks the same), so neither
+    the checksum nor the key check is skipped. ``verify=False`` (re-index only) checks the
+    trailer is there without hashing the contents. The returned table's buffers stay
+    mapped after the file is closed.
     """
     try:
-        with pa.memory_map(path, "r") as source:
-            table = pa.ipc.open_file(source).read_all()
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # missing, unreadable, or empty (mmap refuses 0 bytes)
+        return None
+    body = checksum.sealed_body(mapped, verify=verify)
+    if body is None:
+        return None
+    try:
+        table = pa.ipc.open_file(pa.py_buffer(body)).read_all()
     except (OSError, pa.ArrowInvalid):
         return None
     if (table.schema.metadata or {}).get(_KEY_FIELD) != key.encode():
@@ -182,9 +220,17 @@ def read_entry(path: str, key: str) -> Optional[pa.Table]:
     return table
 
 
+def _ipc_size(table: pa.Table) -> int:
+    """The exact size of ``table`` as an IPC file, from a dry run that stores nothing."""
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.size()
+
+
 def _read_label(path: str, key: str):
     """``(protocol, path)`` from an entry file's schema, or None if it is not a valid entry."""
-    table = read_entry(path, key)
+    table = read_entry(path, key, verify=False)
     if table is None:
         return None
     meta = table.schema.metadata or {}

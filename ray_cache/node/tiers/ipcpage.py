@@ -6,8 +6,9 @@ A page entry on disk (:mod:`ray_cache.node.tiers.disk`) is an Arrow IPC file of 
 small files maps each page once per process. This module finds the value's bytes by
 reading the file's two leading IPC messages (the schema and the record batch) directly:
 their flatbuffers say where the data buffer lies, and the schema's metadata carries the
-entry's key, checked exactly as :func:`ray_cache.node.tiers.disk.read_entry` checks it.
-About 20 µs. Anything it does not expect (another layout, compression, a short file)
+entry's key, checked exactly as :func:`ray_cache.node.tiers.disk.read_entry` checks it,
+after the file's checksum trailer (:mod:`ray_cache.node.tiers.checksum`) is verified.
+About 20 µs plus the checksum (~4 µs for a 110 KB page). Anything it does not expect (another layout, compression, a short file)
 returns None, and the caller reads the file with pyarrow instead.
 
 Examples
@@ -18,6 +19,10 @@ Examples
 >>> t = page_table(b"hello").replace_schema_metadata({b"ray_cache.key": b"k1"})
 >>> with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, t.schema) as w:
 ...     w.write_table(t)
+>>> map_page_file(path, "k1", 5) is None  # not sealed: never trusted
+True
+>>> from ray_cache.node.tiers.checksum import seal
+>>> _ = seal(path)
 >>> bytes(map_page_file(path, "k1", 5)), map_page_file(path, "other", 5)
 (b'hello', None)
 """
@@ -27,6 +32,8 @@ from __future__ import annotations
 import mmap
 import struct
 from typing import Any, Optional
+
+from ray_cache.node.tiers.checksum import sealed_body
 
 _MAGIC = b"ARROW1"
 _CONTINUATION = 0xFFFFFFFF
@@ -124,8 +131,8 @@ def page_in(buf: Any, key: str, nbytes: int) -> Optional[memoryview]:
 
 
 def map_page_file(path: str, key: str, nbytes: int) -> Optional[memoryview]:
-    """The page bytes of the entry file at ``path``, memory-mapped read-only, or None
-    (``FileNotFoundError`` if there is no such file)."""
+    """The page bytes of the sealed entry file at ``path`` (checksum verified),
+    memory-mapped read-only, or None (``FileNotFoundError`` if there is no such file)."""
     try:
         with open(path, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -133,4 +140,5 @@ def map_page_file(path: str, key: str, nbytes: int) -> Optional[memoryview]:
         raise
     except (OSError, ValueError):
         return None
-    return page_in(mapped, key, nbytes)
+    body = sealed_body(mapped)
+    return None if body is None else page_in(body, key, nbytes)
