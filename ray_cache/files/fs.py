@@ -70,6 +70,7 @@ from ray_cache.cluster import forks
 from ray_cache.files import pages
 from ray_cache.files.file import CachedFile
 from ray_cache.files.meta import MetadataCache
+from ray_cache.store import access
 from ray_cache.store.errors import ObjectChangedError, raise_translated
 from ray_cache.store.keys import StoreObject
 from ray_cache.store.underfs import bounded_call, object_of, protocol_of, refresh
@@ -234,9 +235,12 @@ class CacheFileSystem(ChainedFileSystem):
         target = self.target
         refresh(target, path)  # the TTL here replaces the target's own listings cache
         try:
-            return bounded_call(target, method, path, *args, **kwargs)
+            answer = bounded_call(target, method, path, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - one error table for every store
             raise_translated(exc, path)
+        if method == "info" and answer.get("type") == "file" and not access.is_local(target):
+            access.RIGHTS.note(target, [path])  # a HEAD passed: this reader may read it
+        return answer
 
     def _remember_infos(self, infos: Any) -> None:
         for info in infos:
@@ -297,6 +301,7 @@ class CacheFileSystem(ChainedFileSystem):
         info = self.info(path)
         if info.get("type") != "file":
             raise IsADirectoryError(21, "Is a directory, not a file", path)
+        access.RIGHTS.require(self.target, [path])  # known from a listing only: HEAD it once
         return object_of(self.target, info, self.target_protocol, path), info
 
     def cat_file(self, path: str, start: Optional[int] = None, end: Optional[int] = None,

@@ -14,6 +14,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem, FSTimeoutError, sync
 from fsspec.core import split_protocol
 
+from ray_cache.store import access
 from ray_cache.store.errors import raise_translated
 from ray_cache.store.keys import StoreObject
 
@@ -152,7 +153,9 @@ def list_objects(
     Results keep the order of ``paths``; files inside a directory are sorted by path.
     Hidden files (``_SUCCESS``, ``.crc``) under a directory are skipped, as
     ``ray.data.read_parquet`` does. A path that matches nothing raises
-    ``FileNotFoundError`` naming it.
+    ``FileNotFoundError`` naming it. Every object returned is one ``fs``'s credentials
+    may read (:mod:`ray_cache.store.access`): ``PermissionError`` names the first that
+    is not.
     """
     protocol = protocol_of(fs)
     out: List[StoreObject] = []
@@ -166,6 +169,8 @@ def list_objects(
                 info = fs.info(path)
                 if _is_file(info):
                     found = [info]
+                    if not access.is_local(fs):
+                        access.RIGHTS.note(fs, [fs._strip_protocol(info.get("name") or path)])  # a HEAD just passed
                 else:
                     found = [
                         i
@@ -179,6 +184,7 @@ def list_objects(
         if not found:
             raise FileNotFoundError(2, "No such file, directory or glob match", path)
         out.extend(object_of(fs, info, protocol) for info in sorted(found, key=lambda i: i["name"]))
+    access.RIGHTS.require(fs, [o.path for o in out])  # listed is not readable: see store.access
     return out
 
 
