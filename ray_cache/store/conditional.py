@@ -75,7 +75,13 @@ def read_ranges_checked(fs: Any, obj: StoreObject,
             finally:
                 resp["Body"].close()
 
-        return await _error_wrapper(call, retries=fs.retries)
+        for attempt in range(TRANSFER_ATTEMPTS):
+            try:
+                return await _error_wrapper(call, retries=fs.retries)
+            except Exception as exc:  # noqa: BLE001 - only damaged transfers are retried
+                if not damaged_transfer(exc) or attempt == TRANSFER_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def every() -> List[bytes]:
         return list(await asyncio.gather(*(one(s, e) for s, e in ranges)))
@@ -95,6 +101,19 @@ def read_ranges_checked(fs: Any, obj: StoreObject,
         if len(blob) != end - start:
             raise ObjectChangedError(f"{obj.url}: expected {end - start} bytes at {start}, got {len(blob)}")
     return blobs
+
+
+#: Tries of one range whose bytes arrived damaged (a body cut short or failing the
+#: store's checksum) before the read fails with ``OSError``.
+TRANSFER_ATTEMPTS = 3
+_DAMAGED = {"FlexibleChecksumError", "ResponseStreamingError", "IncompleteReadError",
+            "ClientPayloadError", "ContentLengthError", "IncompleteRead"}
+
+
+def damaged_transfer(exc: BaseException) -> bool:
+    """Whether ``exc`` says the reply's bytes arrived damaged (worth asking again)."""
+    return any(cls.__name__ in _DAMAGED for err in (exc, exc.__cause__, exc.__context__)
+               if err is not None for cls in type(err).__mro__)
 
 
 def _precondition_failed(exc: BaseException) -> bool:

@@ -8,6 +8,7 @@ errors, always with the path named and never with credentials.
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Dict, Optional, Type
 
@@ -58,6 +59,11 @@ ERROR_TABLE: Dict[str, Type[OSError]] = {
     # GCS (gcsfs raises HttpError with a numeric code; class names as a fallback)
     "Forbidden": PermissionError,
     "Unauthorized": PermissionError,
+    # A reply whose bytes arrived damaged (botocore's checksum check, a body cut short)
+    "FlexibleChecksumError": OSError,
+    "ResponseStreamingError": OSError,
+    "IncompleteReadError": OSError,
+    "ClientPayloadError": OSError,
 }
 
 _SECRET_RE = re.compile(
@@ -121,6 +127,8 @@ def translate(exc: BaseException, path: str) -> BaseException:
         return FileNotFoundError(2, "No such file or object", path)
     if chosen is PermissionError:
         return PermissionError(13, f"Permission denied ({type(exc).__name__})", path)
+    if chosen is OSError:
+        return OSError(errno.EIO, f"the store's reply arrived damaged ({type(exc).__name__})", path)
     return exc
 
 

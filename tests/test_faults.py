@@ -1,0 +1,149 @@
+"""Faults injected between the cache and a real S3 server, at a proxy of our own.
+
+For each fault (503 SlowDown, 500, a connection cut mid-reply, a body truncated behind a
+consistent Content-Length, a stalled reply) and each way in (Parquet, files, ``load``,
+writes): the right data or a clear ``OSError`` naming the object, in bounded time; nothing
+wrong or partial cached (a second, fault-free read must be right and sent no data GET);
+the cache keeps serving what it has. Faults are counted at the proxy, not by us.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import ray_cache
+from conftest import data_gets, read_all, write_dataset
+from ray_cache.files import pages
+from ray_cache.files.fs import CacheFileSystem
+from ray_cache.testing import CountingProxy
+
+FAULTS = {
+    "503 on every 3rd GET": [{"kind": "503", "every": 3}],
+    "500 on every 3rd GET": [{"kind": "500", "every": 3}],
+    "cut mid-reply, 3 times": [{"kind": "cut", "every": 2, "times": 3, "ranged": True}],
+    "body truncated, 3 times": [{"kind": "truncate", "every": 2, "times": 3, "ranged": True}],
+    "reply stalled once": [{"kind": "stall", "times": 1, "ranged": True}],
+}
+#: The reader's own timeout for a stalled reply; our bound above it is READ_TIMEOUT_S.
+READ_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def faulty(s3_server):
+    with CountingProxy(s3_server.endpoint_url) as p:
+        yield p
+
+
+def _fs(s3_server, proxy):
+    import s3fs
+
+    opts = s3_server.storage_options(endpoint_url=proxy.url)
+    return s3fs.S3FileSystem(**opts, skip_instance_cache=True,
+                             config_kwargs={"read_timeout": READ_TIMEOUT_S, "connect_timeout": READ_TIMEOUT_S})
+
+
+def _fired(proxy) -> int:
+    return proxy.faults_fired()
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_parquet_reads_are_right_under_faults(cache, s3_server, s3fs_direct, faulty, prefix, fault):
+    paths = write_dataset(s3fs_direct, prefix, files=3, rows=12_000, rg_rows=3_000)
+    want = pa.concat_tables([pq.read_table(p, filesystem=s3fs_direct) for p in paths]).sort_by("id")
+    fs = _fs(s3_server, faulty)
+    faulty.reset()
+    faulty.inject(*FAULTS[fault])
+    try:
+        got = read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs, zero_copy=False))
+    except OSError as exc:  # allowed: a clear error naming the object ...
+        assert prefix in str(exc)
+        got = None
+    finally:
+        fired = _fired(faulty)
+        faulty.inject()
+    assert fired > 0, "the fault never fired: the test proved nothing"
+    if got is not None:
+        assert got.equals(want)
+    # ... but nothing wrong or partial was cached: fault-free, right, and all from the cache
+    # for what the faulty read did cache
+    faulty.reset()
+    again = read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs, zero_copy=False))
+    assert again.equals(want)
+    faulty.reset()
+    assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs)).equals(want)
+    assert data_gets(faulty) == []
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_file_reads_are_right_under_faults(cache, s3_server, s3fs_direct, faulty, prefix, fault):
+    rng = np.random.default_rng(3)
+    blobs = {f"{prefix}/f-{i}.bin": rng.integers(0, 256, 600_000, dtype=np.uint8).tobytes() for i in range(3)}
+    for path, data in blobs.items():
+        s3fs_direct.pipe(path, data)
+    fs = _fs(s3_server, faulty)
+    pages.reader().clear()
+    rfs = CacheFileSystem(fs=fs, page_size=128 << 10, skip_instance_cache=True)
+    faulty.reset()
+    faulty.inject(*FAULTS[fault])
+    errors = []
+    try:
+        for path, data in blobs.items():
+            try:
+                with rfs.open(path, "rb") as f:
+                    assert f.read() == data
+            except OSError as exc:
+                assert path in str(exc)
+                errors.append(exc)
+    finally:
+        fired = _fired(faulty)
+        faulty.inject()
+    assert fired > 0
+    pages.reader().clear()
+    for path, data in blobs.items():
+        assert rfs.cat_file(path) == data
+    faulty.reset()
+    pages.reader().clear()
+    for path, data in blobs.items():
+        assert rfs.cat_file(path) == data
+    assert data_gets(faulty) == []
+
+
+@pytest.mark.parametrize("fault", ["503 on every 3rd GET", "cut mid-reply, 3 times"])
+def test_load_under_faults_then_warm(cache, s3_server, s3fs_direct, faulty, prefix, fault):
+    paths = write_dataset(s3fs_direct, prefix, files=2, rows=8_000, rg_rows=2_000)
+    want = pa.concat_tables([pq.read_table(p, filesystem=s3fs_direct) for p in paths]).sort_by("id")
+    fs = _fs(s3_server, faulty)
+    faulty.reset()
+    faulty.inject(*FAULTS[fault])
+    try:
+        ray_cache.load(f"s3://{prefix}/", filesystem=fs)
+    finally:
+        fired = _fired(faulty)
+        faulty.inject()
+    assert fired > 0
+    faulty.reset()
+    assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs)).equals(want)
+    assert data_gets(faulty) == []
+
+
+@pytest.mark.parametrize("kind", ["503", "500"])
+def test_writes_through_the_cache_retry_and_land_whole(cache, s3_server, s3fs_direct, faulty, prefix, kind):
+    fs = _fs(s3_server, faulty)
+    rfs = CacheFileSystem(fs=fs, skip_instance_cache=True)
+    data = np.random.default_rng(4).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    faulty.reset()
+    faulty.inject({"kind": kind, "method": "PUT", "times": 1})
+    try:
+        rfs.pipe_file(f"{prefix}/w.bin", data)
+        with rfs.open(f"{prefix}/w2.bin", "wb") as f:
+            f.write(data)
+    finally:
+        fired = _fired(faulty)
+        faulty.inject()
+    assert fired == 1
+    for name in ("w.bin", "w2.bin"):
+        assert s3fs_direct.cat_file(f"{prefix}/{name}") == data
+        assert rfs.cat_file(f"{prefix}/{name}") == data
