@@ -6,6 +6,7 @@ Ray object store, the disk tier a fraction of the free space under the cache dir
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -78,12 +79,12 @@ def validate_capacity(name: str, value: Optional[int]) -> Optional[int]:
     >>> validate_capacity("memory_bytes", 0)
     Traceback (most recent call last):
     ...
-    ValueError: memory_bytes must be a positive number of bytes, got 0
+    ValueError: memory_bytes must be a positive number of bytes (at least 1, finite), got 0
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+        raise ValueError(f"{name} must be a positive number of bytes (at least 1, finite), got {value!r}")
     return int(value)
 
 
