@@ -227,3 +227,88 @@ def test_damaged_file_pages_are_refetched_never_served(cache, s3fs_direct, s3fs_
         assert rfs.cat_file(path) == data
     assert ray_cache.stats()["damaged_entries"] == len(blobs)
     assert len(data_gets(proxy)) >= len(blobs)
+
+
+WRITER = """
+import sys, numpy as np, pyarrow as pa
+from ray_cache.node.tiers.disk import DiskTier
+tier = DiskTier(sys.argv[1], capacity=10**12)
+n = int(sys.argv[2])
+if len(sys.argv) > 3:  # a kernel that refuses the write: a file-size limit (EFBIG, as ENOSPC)
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+try:
+    tier.put("bb" + "0" * 62, pa.table({"v": np.arange(n, dtype=np.int64)}), ("s3", "b/big.parquet"))
+except OSError as exc:
+    print("OSError", exc.errno, tier.used, len(tier), flush=True)
+    sys.exit(3)
+print("stored", flush=True)
+"""
+
+
+def _kept_entry(root):
+    tier = DiskTier(str(root), capacity=10**12)
+    tier.put("aa" + "0" * 62, _table(10_000), ("s3", "b/kept.parquet"))
+    tier.close()
+
+
+def test_a_writer_killed_mid_write_leaves_no_entry_and_damages_none(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _kept_entry(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(150_000_000)])
+    deadline = time.monotonic() + 120
+    tmp_seen = []
+    while not tmp_seen and proc.poll() is None and time.monotonic() < deadline:
+        tmp_seen = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".tmp-")]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert tmp_seen, "the writer finished before it could be killed mid-write"
+    tier = DiskTier(str(tmp_path), capacity=10**12)  # what a restarted worker finds
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".tmp-")] == []
+    assert "bb" + "0" * 62 not in tier and tier.damaged == 0
+    assert tier.get("aa" + "0" * 62).equals(_table(10_000).replace_schema_metadata(
+        tier.get("aa" + "0" * 62).schema.metadata))
+    tier.close()
+
+
+def test_a_refused_disk_write_raises_oserror_and_leaves_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    _kept_entry(tmp_path)
+    run = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path), str(1_000_000), str(1 << 20)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stdout + run.stderr
+    word, errno_, used, entries = run.stdout.split()
+    assert word == "OSError" and int(errno_) == 27  # EFBIG
+    kept = sum(os.path.getsize(p) for p in _arrow_files(tmp_path))
+    assert (int(used), int(entries)) == (kept, 1), "only the kept entry is booked"
+    tier = DiskTier(str(tmp_path), capacity=10**12)
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".tmp-")] == []
+    assert len(tier) == 1 and tier.get("aa" + "0" * 62) is not None and tier.damaged == 0
+    tier.close()
+
+
+def test_page_entries_do_not_keep_the_bytes_they_were_built_from():
+    """pyarrow 26 never releases a memoryview it copied in ``pa.array([view])``: every page a
+    worker fetched stayed in its memory (the soak found it). Entries are built without it."""
+    import gc
+
+    def anon_mb() -> float:
+        with open(f"/proc/{os.getpid()}/status") as fh:
+            return next(int(ln.split()[1]) for ln in fh if ln.startswith("RssAnon")) / 1024
+
+    for _ in range(50):  # warm the allocator up
+        page_table(memoryview(os.urandom(100_000))[1:])
+    gc.collect()
+    before = anon_mb()
+    for _ in range(2_000):  # 200 MB through page entries
+        t = page_table(memoryview(os.urandom(100_000))[1:])
+        assert t.num_rows == 1
+        del t
+    gc.collect()
+    assert anon_mb() - before < 40, f"{anon_mb() - before:.0f} MB kept after 200 MB of pages"

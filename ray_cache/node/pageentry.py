@@ -18,8 +18,19 @@ import pyarrow as pa
 
 
 def page_table(data: Any) -> pa.Table:
-    """A one-row table holding ``data`` (bytes-like) as the entry of a page or footer."""
-    return pa.table({"bytes": pa.array([data], pa.large_binary())})
+    """A one-row table holding ``data`` (bytes-like) as the entry of a page or footer.
+
+    Built over ``data`` itself (no copy) with ``from_buffers``: ``pa.array([memoryview])``
+    copies, and pyarrow 26 never releases the view it copied from, so each page fetched
+    that way stayed in the worker's memory for good (found by ``benchmarks/soak.py``).
+
+    >>> page_table(memoryview(b"xabc")[1:]).column(0).to_pylist()
+    [b'abc']
+    """
+    view = memoryview(data).cast("B")
+    offsets = pa.py_buffer(np.array([0, view.nbytes], dtype=np.int64))
+    array = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(view)])
+    return pa.table({"bytes": array})
 
 
 def page_buffer(column: Any) -> memoryview:
