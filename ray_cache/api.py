@@ -15,7 +15,7 @@ import ray
 
 from ray_cache.cluster import membership
 from ray_cache.cluster.membership import ensure_ray as _ensure_ray, workers as _workers
-from ray_cache.store import underfs
+from ray_cache.store import access, underfs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray_cache.steering.ops import LoadJob, LoadReport
@@ -114,6 +114,9 @@ def read_parquet(
     override_num_blocks: Optional[int] = None,
     zero_copy: Union[bool, str] = "auto",
     partitioning: Any = "hive",
+    include_paths: bool = False,
+    file_extensions: Optional[Sequence[str]] = ("parquet",),
+    partition_filter: Any = None,
     **kwargs: Any,
 ) -> "ray.data.Dataset":
     """Read Parquet through the cache: the first read fills it, later reads come from it.
@@ -143,6 +146,14 @@ def read_parquet(
     partitioning : ``ray.data.datasource.Partitioning("hive")``, ``"hive"`` or None
         As Ray's default: ``key=value`` folders in a file's path become string columns
         after the file's own (``columns`` may name them). None: no partition columns.
+    include_paths : bool
+        As Ray's: a string column ``path`` (the object's path, as the filesystem names it)
+        after the others. Read with read tasks (the column is added as rows are read).
+    file_extensions : list of str, optional
+        As Ray's: read only files ending with one of these (with or without the dot, any
+        case); default, None or empty: ``["parquet"]`` (Ray 2.60 reads only those too).
+    partition_filter : ``ray.data.datasource.PathPartitionFilter``, optional
+        As Ray's: called with the listed paths, reads those it returns.
     **kwargs
         Ray's scheduling arguments (``num_cpus``, ``concurrency``, ``ray_remote_args``, ...),
         passed on to ``ray.data.read_datasource``. Ray's other ``read_parquet`` arguments
@@ -163,7 +174,7 @@ def read_parquet(
     >>> ds.count()  # doctest: +SKIP
     1000000
     """
-    from ray_cache.readers.arguments import check_partitioning, check_read_args
+    from ray_cache.readers.arguments import check_partitioning, check_read_args, has_extension, select_files
 
     kwargs = check_read_args(kwargs)  # before any listing: refused, never ignored
     partitioning = check_partitioning(partitioning)
@@ -172,15 +183,24 @@ def read_parquet(
     if columns is not None:
         if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
             raise ValueError(f"columns must be a list of column names, got {columns!r}")
+    if not isinstance(include_paths, bool):
+        raise ValueError(f"include_paths must be True or False, got {include_paths!r}")
+    has_extension("", file_extensions)  # ValueError for a malformed list, before listing
+    extensions = list(file_extensions or ("parquet",))
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
-    objects = underfs.list_objects(fs, stripped, suffixes=(".parquet", ".parq"))
+    objects = underfs.list_objects(fs, stripped, prove=False)
+    keep = set(select_files([o.path for o in objects], partition_filter, extensions, stripped))
+    objects = [o for o in objects if o.path in keep]
+    access.RIGHTS.require(fs, [o.path for o in objects])  # a listing is no right to read
     workers = _workers()
     from ray_cache.readers import fastpath, nodecopies
     from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
 
-    source = CachedParquetDatasource(fs, objects, workers, columns=columns, partitioning=partitioning)
+    source = CachedParquetDatasource(fs, objects, workers, columns=columns, partitioning=partitioning,
+                                     include_paths=include_paths)
     warm = None
-    if zero_copy is not False and not kwargs and override_num_blocks is None and source.uniform_schema:
+    if zero_copy is not False and not kwargs and override_num_blocks is None and source.uniform_schema \
+            and not include_paths:
         here = ray.get_runtime_context().get_node_id()
         if zero_copy is True or all(w.node_id == here for w in workers):
             warm = fastpath.try_zero_copy(source.requests, workers)

@@ -103,8 +103,10 @@ def test_read_parquet_refuses_what_it_does_not_apply_and_never_ignores_it(tmp_pa
         ray_cache.read_parquet(missing, filter="x > 3")
     with pytest.raises(TypeError, match="'colums'"):
         ray_cache.read_parquet(missing, colums=["x"])
-    with pytest.raises(ValueError, match="include_paths=True.*allowed: include_paths=False"):
-        ray_cache.read_parquet(missing, include_paths=True)
+    with pytest.raises(ValueError, match="include_row_hash=True.*allowed: include_row_hash=False"):
+        ray_cache.read_parquet(missing, include_row_hash=True)
+    with pytest.raises(ValueError, match="file_extensions must be a list"):
+        ray_cache.read_parquet(missing, file_extensions="parquet")
     with pytest.raises(ValueError, match="shuffle='files'"):
         ray_cache.read_parquet(missing, shuffle="files")
     with pytest.raises(ValueError, match="zero_copy must be"):
@@ -114,6 +116,7 @@ def test_read_parquet_refuses_what_it_does_not_apply_and_never_ignores_it(tmp_pa
         ray_cache.read_parquet(missing, include_paths=False, partitioning=None, num_cpus=0.5)
     # Every named argument of Ray's own read_parquet is accounted for: honoured here,
     # passed on to Ray, or refused unless it means what ray_cache does.
-    ours = {"paths", "columns", "filesystem", "override_num_blocks", "partitioning"}
+    ours = {"paths", "columns", "filesystem", "override_num_blocks", "partitioning", "include_paths",
+            "file_extensions", "partition_filter"}
     ray_args = set(inspect.signature(ray.data.read_parquet).parameters) - {"arrow_parquet_args"}
     assert ray_args - ours - set(PASSED_ON) - set(NOT_YET) == set()

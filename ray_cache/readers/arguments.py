@@ -12,7 +12,7 @@ never silently ignored (a dropped ``filter=`` returns every row). Three kinds:
 
 Examples
 --------
->>> check_read_args({"num_cpus": 0.5, "include_paths": False})
+>>> check_read_args({"num_cpus": 0.5, "include_row_hash": False})
 {'num_cpus': 0.5}
 >>> check_read_args({"filter": "x > 3"})
 Traceback (most recent call last):
@@ -22,7 +22,7 @@ TypeError: ray_cache.read_parquet() got an unexpected keyword argument 'filter' 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 #: Passed to ``ray.data.read_datasource`` as they are.
 PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", "fallback_strategy",
@@ -30,12 +30,9 @@ PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", 
 
 #: Ray's arguments not implemented here yet -> the value that means what ray_cache does.
 NOT_YET: Dict[str, Any] = {
-    "partition_filter": None,
     "shuffle": None,
     "schema": None,
-    "include_paths": False,
     "include_row_hash": False,
-    "file_extensions": None,
     "ignore_missing_paths": False,
     "skip_paths": None,
     "tensor_column_schema": None,
@@ -60,6 +57,37 @@ def check_partitioning(value: Any) -> Optional[str]:
         return "hive"
     raise ValueError(f"ray_cache.read_parquet supports partitioning=Partitioning('hive') (the default, "
                      f"partition columns as strings) or None, not {value!r} yet")
+
+
+def has_extension(path: str, extensions: Optional[Sequence[str]]) -> bool:
+    """Ray's ``file_extensions`` test: ``path`` ends with one of ``extensions`` (with or
+    without the dot, any case); None admits every path.
+
+    >>> has_extension("a/b.PARQUET", ["parquet"]), has_extension("a/b.csv", [".parquet"])
+    (True, False)
+    """
+    if extensions is None:
+        return True
+    if isinstance(extensions, str) or not all(isinstance(e, str) for e in extensions):
+        raise ValueError(f"file_extensions must be a list of extensions like ['parquet'], got {extensions!r}")
+    ends = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    return path.lower().endswith(ends)
+
+
+def select_files(paths: List[str], partition_filter: Any, file_extensions: Optional[Sequence[str]],
+                 asked: Any = None) -> List[str]:
+    """The paths Ray's ``read_parquet`` reads after ``partition_filter`` and
+    ``file_extensions``; Ray 2.60's ``ValueError`` (naming ``asked``) when none are left."""
+    if partition_filter is not None:
+        if not callable(partition_filter):
+            raise ValueError(f"partition_filter must be a PathPartitionFilter, got {partition_filter!r}")
+        kept = set(partition_filter(list(paths)))
+        paths = [p for p in paths if p in kept]
+    paths = [p for p in paths if has_extension(p, file_extensions)]
+    if not paths:
+        raise ValueError(f"no files found under {asked!r}. Check the path and any configured "
+                         "`partition_filter` or `file_extensions` filters.")
+    return paths
 
 
 def check_read_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -87,6 +87,7 @@ class CachedParquetDatasource(Datasource):
         columns: Optional[Sequence[str]] = None,
         unit_bytes: int = UNIT_TARGET_BYTES,
         partitioning: Optional[str] = "hive",
+        include_paths: bool = False,
     ) -> None:
         super().__init__()
         self._fs = fs
@@ -106,12 +107,14 @@ class CachedParquetDatasource(Datasource):
                 parts = tuple((k, v) for k, v in parts if k in self._columns)
             full = pa.schema(list(schema) + [pa.field(k, pa.string()) for k, _ in parts])
             if self._columns is not None:
-                missing = [c for c in self._columns if c not in full.names]
+                missing = [c for c in self._columns if c not in full.names and not (include_paths and c == "path")]
                 if missing:
                     raise ValueError(
                         f"columns {missing} not in {obj.url}; its columns are {full.names}"
                     )
-                full = pa.schema([full.field(c) for c in self._columns])
+                full = pa.schema([full.field(c) for c in self._columns if c in full.names])
+            if include_paths and "path" not in full.names:  # as Ray: after the others
+                full = full.append(pa.field("path", pa.string()))
             schemas.append(full)
             names = {k for k, _ in parts}
             decode = None if key_columns is None else tuple(c for c in key_columns if c not in names)
@@ -120,6 +123,7 @@ class CachedParquetDatasource(Datasource):
                 key = EntryKey(obj.protocol, obj.path, obj.version, kind, unit.start, unit.stop, key_columns)
                 self._requests.append(UnitRequest(key, obj, footer, unit, decode, parts))
         self._paths = [o.url for o in objects]
+        self._include_paths = include_paths
         #: Whether every file has the same schema; else tables are conformed to the
         #: unified one as they are read (Ray Data's schema evolution).
         self.uniform_schema = all(s.equals(schemas[0]) for s in schemas)
@@ -172,8 +176,9 @@ class CachedParquetDatasource(Datasource):
                 ReadTask(
                     # Keys keep the caller's column order: tables come out as asked.
                     functools.partial(routing.read_units, self._fs, chunk, self._workers)
-                    if self.uniform_schema else
-                    functools.partial(_conformed, self._fs, chunk, self._workers, self._schema),
+                    if self.uniform_schema and not self._include_paths else
+                    functools.partial(_conformed, self._fs, chunk, self._workers,
+                                      None if self.uniform_schema else self._schema, self._include_paths),
                     meta,
                     schema=self._schema,
                     per_task_row_limit=per_task_row_limit,
@@ -183,7 +188,11 @@ class CachedParquetDatasource(Datasource):
 
 
 def _conformed(fs: Any, chunk: Sequence[UnitRequest], workers: Sequence[WorkerRef],
-               schema: pa.Schema) -> Iterator[pa.Table]:
-    """The chunk's tables, each with the unified schema (missing columns as nulls)."""
-    for table in routing.read_units(fs, chunk, workers):
-        yield parquet.conform(table, schema)
+               schema: Optional[pa.Schema], include_paths: bool = False) -> Iterator[pa.Table]:
+    """The chunk's tables, each with its ``path`` column if asked, and the unified schema
+    if given (missing columns as nulls)."""
+    for req, table in zip(chunk, routing.read_units(fs, chunk, workers)):
+        if include_paths and "path" not in table.column_names:
+            table = table.append_column(pa.field("path", pa.string()),
+                                        pa.repeat(pa.scalar(req.obj.path, pa.string()), table.num_rows))
+        yield table if schema is None else parquet.conform(table, schema)

@@ -146,7 +146,8 @@ def refresh(fs: fsspec.AbstractFileSystem, path: Optional[str]) -> None:
 
 
 def list_objects(
-    fs: fsspec.AbstractFileSystem, paths: Iterable[str], suffixes: Tuple[str, ...] = ()
+    fs: fsspec.AbstractFileSystem, paths: Iterable[str], suffixes: Tuple[str, ...] = (),
+    prove: bool = True,
 ) -> List[StoreObject]:
     """Expand files, directories (recursively) and globs into objects with versions.
 
@@ -155,7 +156,7 @@ def list_objects(
     ``ray.data.read_parquet`` does. A path that matches nothing raises
     ``FileNotFoundError`` naming it. Every object returned is one ``fs``'s credentials
     may read (:mod:`ray_cache.store.access`): ``PermissionError`` names the first that
-    is not.
+    is not. ``prove=False`` leaves that to the caller (who filters the list first).
     """
     protocol = protocol_of(fs)
     out: List[StoreObject] = []
@@ -184,7 +185,8 @@ def list_objects(
         if not found:
             raise FileNotFoundError(2, "No such file, directory or glob match", path)
         out.extend(object_of(fs, info, protocol) for info in sorted(found, key=lambda i: i["name"]))
-    access.RIGHTS.require(fs, [o.path for o in out])  # listed is not readable: see store.access
+    if prove:
+        access.RIGHTS.require(fs, [o.path for o in out])  # listed is not readable: see store.access
     return out
 
 

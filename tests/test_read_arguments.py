@@ -1,0 +1,91 @@
+"""Ray's ``read_parquet`` arguments that choose files or add columns, against Ray's own output
+on the same files (local and on the S3 server, cold and warm): ``include_paths``,
+``file_extensions``, ``partition_filter``; and Ray's errors where Ray raises one."""
+
+from __future__ import annotations
+
+import warnings
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+import ray_cache
+
+
+def _write(fs, root):
+    """Hive folders with Parquet files, one without an extension, and a CSV beside them."""
+    n = 0
+    for year in (2024, 2025):
+        fs.makedirs(f"{root}/year={year}", exist_ok=True)
+        for name in ("a.parquet", "b.PARQUET", "c"):
+            with fs.open(f"{root}/year={year}/{name}", "wb") as f:
+                pq.write_table(pa.table({"id": pa.array([n, n + 1], pa.int64()), "v": [0.5, 1.5]}), f)
+            n += 2
+    with fs.open(f"{root}/year=2025/notes.csv", "wb") as f:
+        f.write(b"id,v\n1,2\n")
+
+
+def _ray(url, fs, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.data.read_parquet(url, filesystem=fs, **kw)
+
+
+def _rows(ds):
+    return sorted(ds.take_all(), key=lambda r: (r["id"], r.get("path", "")))
+
+
+def _year_2025(paths):
+    return [p for p in paths if "year=2025" in p]
+
+
+CASES = {
+    "include_paths": {"include_paths": True, "file_extensions": ["parquet"]},
+    "include_paths+columns": {"include_paths": True, "columns": ["id"], "file_extensions": ["parquet"]},
+    "file_extensions=['parquet']": {"file_extensions": ["parquet"]},
+    "file_extensions=['.PARQUET']": {"file_extensions": [".PARQUET"]},
+    "file_extensions=['parquet', ''] reads every file": {"file_extensions": ["parquet", ""]},
+    "file_extensions=None reads Parquet by name, as Ray 2.60": {"file_extensions": None},
+    "defaults": {},
+    "partition_filter": {"file_extensions": ["parquet"], "partition_filter": "2025"},
+}
+
+
+@pytest.fixture()
+def trees(s3fs_direct, tmp_path, prefix):
+    _write(s3fs_direct, prefix)
+    s3fs_direct.rm(f"{prefix}/year=2025/notes.csv")  # every case below reads only Parquet files
+    local = str(tmp_path / "tree")
+    _write(fsspec.filesystem("file"), local)
+    fsspec.filesystem("file").rm(f"{local}/year=2025/notes.csv")
+    return [(local, None, None), (f"s3://{prefix}/", "proxied", "direct")]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_file_choice_and_path_columns_equal_rays(cache, s3fs_direct, s3fs_proxied, trees, case):
+    from ray.data.datasource.partitioning import PathPartitionFilter
+
+    fss = {"proxied": s3fs_proxied, "direct": s3fs_direct, None: None}
+    for url, ours_fs, anchor_fs in trees:
+        kw = dict(CASES[case])
+        if kw.get("partition_filter") == "2025":
+            kw["partition_filter"] = PathPartitionFilter.of(lambda d: d.get("year") == "2025")
+        want = _ray(url, fss[anchor_fs], **kw).materialize()
+        for _ in ("cold", "warm"):
+            got = ray_cache.read_parquet(url, filesystem=fss[ours_fs], **kw)
+            assert got.schema().names == want.schema().names
+            assert got.schema().types == want.schema().types
+            assert _rows(got) == _rows(want)
+
+
+def test_file_extensions_that_match_nothing_raise_rays_error(cache, s3fs_direct, s3fs_proxied, trees):
+    for url, ours_fs, anchor_fs in trees:
+        fs = {"proxied": s3fs_proxied, "direct": s3fs_direct, None: None}
+        with pytest.raises(ValueError) as ray_error:
+            _ray(url, fs[anchor_fs], file_extensions=["json"]).materialize()
+        with pytest.raises(ValueError) as ours:
+            ray_cache.read_parquet(url, filesystem=fs[ours_fs], file_extensions=["json"])
+        assert "no files found under" in str(ray_error.value) and "no files found under" in str(ours.value)
