@@ -99,8 +99,13 @@ def test_read_parquet_refuses_what_it_does_not_apply_and_never_ignores_it(tmp_pa
     from ray_cache.readers.arguments import NOT_YET, PASSED_ON
 
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(TypeError, match="'filter'"):
-        ray_cache.read_parquet(missing, filter="x > 3")
+    import pyarrow.dataset as pds
+
+    with pytest.raises(ValueError) as rays:  # Ray 2.60's own answer to filter=
+        ray.data.read_parquet(missing, filter=pds.field("x") > 3)
+    with pytest.raises(ValueError) as ours:
+        ray_cache.read_parquet(missing, filter=pds.field("x") > 3)
+    assert str(ours.value) == str(rays.value)
     with pytest.raises(TypeError, match="'colums'"):
         ray_cache.read_parquet(missing, colums=["x"])
     with pytest.raises(ValueError, match="include_row_hash=True.*allowed: include_row_hash=False"):

@@ -8,16 +8,17 @@ never silently ignored (a dropped ``filter=`` returns every row). Three kinds:
   ``ray.data.read_datasource``, which gives them Ray's meaning;
 - :data:`NOT_YET`: arguments ray_cache does not implement yet; the one value that means
   what ray_cache does is accepted, any other raises ``ValueError`` saying so;
-- anything else (``filter=``, other pyarrow options, typos): ``TypeError`` naming it.
+- ``filter=``: Ray 2.60's own ``ValueError`` (use ``Dataset.filter(expr=...)``);
+- anything else (other pyarrow options, typos): ``TypeError`` naming it.
 
 Examples
 --------
 >>> check_read_args({"num_cpus": 0.5, "include_row_hash": False})
 {'num_cpus': 0.5}
->>> check_read_args({"filter": "x > 3"})
+>>> check_read_args({"colums": ["x"]})
 Traceback (most recent call last):
 ...
-TypeError: ray_cache.read_parquet() got an unexpected keyword argument 'filter' (it is not applied by the cache, so it is refused rather than ignored)
+TypeError: ray_cache.read_parquet() got an unexpected keyword argument 'colums' (it is not applied by the cache, so it is refused rather than ignored)
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def check_read_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The arguments to pass on to ``read_datasource``; raises for the others (see above)."""
     out: Dict[str, Any] = {}
     for name, value in kwargs.items():
+        if name == "filter":  # Ray 2.60 refuses it too, with this error
+            raise ValueError("`filter=` on `read_parquet` is not supported. "
+                             "Use `ray.data.read_parquet(path).filter(expr=expr)` instead.")
         if name in PASSED_ON:
             out[name] = value
         elif name in NOT_YET:
