@@ -117,6 +117,7 @@ def read_parquet(
     include_paths: bool = False,
     file_extensions: Optional[Sequence[str]] = ("parquet",),
     partition_filter: Any = None,
+    shuffle: Any = None,
     **kwargs: Any,
 ) -> "ray.data.Dataset":
     """Read Parquet through the cache: the first read fills it, later reads come from it.
@@ -154,6 +155,10 @@ def read_parquet(
         case); default, None or empty: ``["parquet"]`` (Ray 2.60 reads only those too).
     partition_filter : ``ray.data.datasource.PathPartitionFilter``, optional
         As Ray's: called with the listed paths, reads those it returns.
+    shuffle : ``"files"`` or ``ray.data.FileShuffleConfig``, optional
+        As Ray's: files are read in a random order, a new one each time the dataset is
+        executed (a config's ``seed`` fixes it, per execution unless
+        ``reseed_after_execution=False``). Read with read tasks.
     **kwargs
         Ray's scheduling arguments (``num_cpus``, ``concurrency``, ``ray_remote_args``, ...),
         passed on to ``ray.data.read_datasource``. Ray's other ``read_parquet`` arguments
@@ -174,10 +179,12 @@ def read_parquet(
     >>> ds.count()  # doctest: +SKIP
     1000000
     """
-    from ray_cache.readers.arguments import check_partitioning, check_read_args, has_extension, select_files
+    from ray_cache.readers.arguments import (check_partitioning, check_read_args, check_shuffle, has_extension,
+                                             select_files)
 
     kwargs = check_read_args(kwargs)  # before any listing: refused, never ignored
     partitioning = check_partitioning(partitioning)
+    shuffle = check_shuffle(shuffle)
     if zero_copy not in (True, False, "auto"):
         raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
     if columns is not None:
@@ -197,10 +204,10 @@ def read_parquet(
     from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
 
     source = CachedParquetDatasource(fs, objects, workers, columns=columns, partitioning=partitioning,
-                                     include_paths=include_paths)
+                                     include_paths=include_paths, shuffle=shuffle)
     warm = None
     if zero_copy is not False and not kwargs and override_num_blocks is None and source.uniform_schema \
-            and not include_paths:
+            and not include_paths and shuffle is None:
         here = ray.get_runtime_context().get_node_id()
         if zero_copy is True or all(w.node_id == here for w in workers):
             warm = fastpath.try_zero_copy(source.requests, workers)

@@ -89,3 +89,53 @@ def test_file_extensions_that_match_nothing_raise_rays_error(cache, s3fs_direct,
         with pytest.raises(ValueError) as ours:
             ray_cache.read_parquet(url, filesystem=fs[ours_fs], file_extensions=["json"])
         assert "no files found under" in str(ray_error.value) and "no files found under" in str(ours.value)
+
+
+def _file_runs(rows, key="id"):
+    """The files in the order their rows came (each file's rows are consecutive ids)."""
+    order = []
+    for r in rows:
+        f = r[key] // 100
+        if not order or order[-1] != f:
+            order.append(f)
+    return order
+
+
+@pytest.fixture()
+def many_files(s3fs_direct, prefix):
+    for i in range(8):
+        with s3fs_direct.open(f"{prefix}/part-{i}.parquet", "wb") as f:
+            pq.write_table(pa.table({"id": pa.array(range(i * 100, i * 100 + 100), pa.int64())}), f)
+    return f"s3://{prefix}/"
+
+
+@pytest.mark.parametrize("shuffle", ["files", "seeded", "seeded-fixed"])
+def test_shuffled_files_are_whole_files_in_a_new_order_as_ray_reads_them(
+        cache, s3fs_direct, s3fs_proxied, many_files, shuffle):
+    from ray.data import FileShuffleConfig
+
+    arg = {"files": "files", "seeded": FileShuffleConfig(seed=3),
+           "seeded-fixed": FileShuffleConfig(seed=3, reseed_after_execution=False)}[shuffle]
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        want = sorted(r["id"] for r in _ray(many_files, s3fs_direct, shuffle=arg).take_all())
+        ds = ray_cache.read_parquet(many_files, filesystem=s3fs_proxied, shuffle=arg)
+        orders = []
+        for _ in range(3):  # three executions of one dataset (epochs)
+            rows = ds.take_all()
+            assert sorted(r["id"] for r in rows) == want  # every row once, as Ray reads them
+            order = _file_runs(rows)
+            assert sorted(order) == list(range(8)), "files stay whole"
+            orders.append(order)
+        if shuffle == "seeded-fixed":
+            assert orders[0] == orders[1] == orders[2]
+        else:
+            assert len({tuple(o) for o in orders}) > 1, "a new order per execution"
+        assert any(o != list(range(8)) for o in orders)
+        again = ray_cache.read_parquet(many_files, filesystem=s3fs_proxied, shuffle=arg).take_all()
+        if shuffle != "files":  # a seed gives the same orders to a new dataset
+            assert _file_runs(again) == orders[0]
+    finally:
+        ctx.execution_options.preserve_order = old

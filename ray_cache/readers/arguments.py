@@ -31,7 +31,6 @@ PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", 
 
 #: Ray's arguments not implemented here yet -> the value that means what ray_cache does.
 NOT_YET: Dict[str, Any] = {
-    "shuffle": None,
     "schema": None,
     "include_row_hash": False,
     "ignore_missing_paths": False,
@@ -89,6 +88,42 @@ def select_files(paths: List[str], partition_filter: Any, file_extensions: Optio
         raise ValueError(f"no files found under {asked!r}. Check the path and any configured "
                          "`partition_filter` or `file_extensions` filters.")
     return paths
+
+
+def check_shuffle(value: Any) -> Any:
+    """None, ``"files"`` or a ``ray.data.FileShuffleConfig``, with Ray's error otherwise.
+
+    >>> check_shuffle("files")
+    'files'
+    """
+    from ray.data.datasource.file_based_datasource import _validate_shuffle_arg
+
+    _validate_shuffle_arg(value)
+    return value
+
+
+def file_order(num_files: int, shuffle: Any, execution: int) -> List[int]:
+    """The order in which to read ``num_files`` files for one execution of a dataset, as
+    Ray's ``shuffle`` asks: ``"files"`` or a config without a seed, a new random order
+    each time; a seed, the same order each time unless ``reseed_after_execution`` (Ray's
+    default), then one per execution. (The permutation is ours: Ray's own is not part of
+    its contract, and parallel reads do not keep it anyway.)
+
+    >>> file_order(4, None, 0)
+    [0, 1, 2, 3]
+    >>> from ray.data import FileShuffleConfig
+    >>> cfg = FileShuffleConfig(seed=7, reseed_after_execution=False)
+    >>> file_order(6, cfg, 0) == file_order(6, cfg, 1)
+    True
+    """
+    import numpy as np
+
+    if shuffle is None:
+        return list(range(num_files))
+    seed = getattr(shuffle, "seed", None)
+    if seed is not None and getattr(shuffle, "reseed_after_execution", True):
+        seed = (seed, execution)
+    return [int(i) for i in np.random.default_rng(seed).permutation(num_files)]
 
 
 def check_read_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:

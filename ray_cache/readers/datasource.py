@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 from ray.data import ReadTask
@@ -22,6 +22,7 @@ from ray_cache.cluster import routing
 from ray_cache.store import parquet
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import UNIT_TARGET_BYTES
+from ray_cache.readers.arguments import file_order
 from ray_cache.store.fetch import UnitRequest
 from ray_cache.store.keys import EntryKey, StoreObject
 
@@ -88,6 +89,7 @@ class CachedParquetDatasource(Datasource):
         unit_bytes: int = UNIT_TARGET_BYTES,
         partitioning: Optional[str] = "hive",
         include_paths: bool = False,
+        shuffle: Any = None,
     ) -> None:
         super().__init__()
         self._fs = fs
@@ -124,6 +126,8 @@ class CachedParquetDatasource(Datasource):
                 self._requests.append(UnitRequest(key, obj, footer, unit, decode, parts))
         self._paths = [o.url for o in objects]
         self._include_paths = include_paths
+        self._shuffle = shuffle
+        self._executions = 0
         #: Whether every file has the same schema; else tables are conformed to the
         #: unified one as they are read (Ray Data's schema evolution).
         self.uniform_schema = all(s.equals(schemas[0]) for s in schemas)
@@ -156,6 +160,13 @@ class CachedParquetDatasource(Datasource):
         data_context: Any = None,
     ) -> List[ReadTask]:
         reqs = self._requests
+        if self._shuffle is not None and reqs:  # Ray's file shuffle: whole files, one order per execution
+            by_file: Dict[str, List[UnitRequest]] = {}
+            for r in reqs:
+                by_file.setdefault(r.obj.url, []).append(r)
+            files = list(by_file.values())
+            reqs = [r for i in file_order(len(files), self._shuffle, self._executions) for r in files[i]]
+            self._executions += 1
         if not reqs:
             empty = self._schema.empty_table() if self._schema is not None else pa.table({})
             meta = BlockMetadata(num_rows=0, size_bytes=0, input_files=None, exec_stats=None)
