@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
+import pyarrow as pa
 import ray
 
 from ray_cache.cluster import membership
@@ -118,6 +119,7 @@ def read_parquet(
     file_extensions: Optional[Sequence[str]] = ("parquet",),
     partition_filter: Any = None,
     shuffle: Any = None,
+    schema: Any = None,
     **kwargs: Any,
 ) -> "ray.data.Dataset":
     """Read Parquet through the cache: the first read fills it, later reads come from it.
@@ -159,6 +161,9 @@ def read_parquet(
         As Ray's: files are read in a random order, a new one each time the dataset is
         executed (a config's ``seed`` fixes it, per execution unless
         ``reseed_after_execution=False``). Read with read tasks.
+    schema : ``pyarrow.Schema``, optional
+        As Ray's: the dataset has exactly this schema (columns cast to its types, missing
+        ones as nulls, others not read), then any partition columns and ``path``.
     **kwargs
         Ray's scheduling arguments (``num_cpus``, ``concurrency``, ``ray_remote_args``, ...),
         passed on to ``ray.data.read_datasource``. Ray's other ``read_parquet`` arguments
@@ -185,6 +190,8 @@ def read_parquet(
     kwargs = check_read_args(kwargs)  # before any listing: refused, never ignored
     partitioning = check_partitioning(partitioning)
     shuffle = check_shuffle(shuffle)
+    if schema is not None and not isinstance(schema, pa.Schema):
+        raise ValueError(f"schema must be a pyarrow.Schema, got {type(schema).__name__}")
     if zero_copy not in (True, False, "auto"):
         raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
     if columns is not None:
@@ -204,7 +211,7 @@ def read_parquet(
     from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
 
     source = CachedParquetDatasource(fs, objects, workers, columns=columns, partitioning=partitioning,
-                                     include_paths=include_paths, shuffle=shuffle)
+                                     include_paths=include_paths, shuffle=shuffle, user_schema=schema)
     warm = None
     if zero_copy is not False and not kwargs and override_num_blocks is None and source.uniform_schema \
             and not include_paths and shuffle is None:

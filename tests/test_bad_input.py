@@ -122,6 +122,6 @@ def test_read_parquet_refuses_what_it_does_not_apply_and_never_ignores_it(tmp_pa
     # Every named argument of Ray's own read_parquet is accounted for: honoured here,
     # passed on to Ray, or refused unless it means what ray_cache does.
     ours = {"paths", "columns", "filesystem", "override_num_blocks", "partitioning", "include_paths",
-            "file_extensions", "partition_filter", "shuffle"}
+            "file_extensions", "partition_filter", "shuffle", "schema"}
     ray_args = set(inspect.signature(ray.data.read_parquet).parameters) - {"arrow_parquet_args"}
     assert ray_args - ours - set(PASSED_ON) - set(NOT_YET) == set()

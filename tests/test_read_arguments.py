@@ -139,3 +139,27 @@ def test_shuffled_files_are_whole_files_in_a_new_order_as_ray_reads_them(
             assert _file_runs(again) == orders[0]
     finally:
         ctx.execution_options.preserve_order = old
+
+
+SCHEMAS = {
+    "cast": [("id", pa.int32()), ("v", pa.float64())],
+    "a column no file has": [("id", pa.int64()), ("v", pa.float64()), ("z", pa.string())],
+    "fewer columns": [("v", pa.float64())],
+    "reordered": [("v", pa.float64()), ("id", pa.int64())],
+    "int to string": [("id", pa.string()), ("v", pa.float32())],
+    "with the partition key": [("year", pa.string()), ("id", pa.int64())],
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEMAS))
+def test_a_given_schema_reads_as_rays(cache, s3fs_direct, s3fs_proxied, trees, case):
+    schema = pa.schema(SCHEMAS[case])
+    fss = {"proxied": s3fs_proxied, "direct": s3fs_direct, None: None}
+    for url, ours_fs, anchor_fs in trees:
+        want = _ray(url, fss[anchor_fs], schema=schema).materialize()
+        for _ in ("cold", "warm"):
+            got = ray_cache.read_parquet(url, filesystem=fss[ours_fs], schema=schema)
+            assert got.schema().names == want.schema().names
+            assert got.schema().types == want.schema().types
+            key = lambda r: tuple(str(r[k]) for k in sorted(r))  # noqa: E731
+            assert sorted(got.take_all(), key=key) == sorted(want.take_all(), key=key)

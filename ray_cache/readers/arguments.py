@@ -31,7 +31,6 @@ PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", 
 
 #: Ray's arguments not implemented here yet -> the value that means what ray_cache does.
 NOT_YET: Dict[str, Any] = {
-    "schema": None,
     "include_row_hash": False,
     "ignore_missing_paths": False,
     "skip_paths": None,

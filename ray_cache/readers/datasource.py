@@ -90,35 +90,43 @@ class CachedParquetDatasource(Datasource):
         partitioning: Optional[str] = "hive",
         include_paths: bool = False,
         shuffle: Any = None,
+        user_schema: Optional[pa.Schema] = None,
     ) -> None:
         super().__init__()
         self._fs = fs
         self._workers = list(workers)
         self._columns = list(columns) if columns is not None else None
-        # The key keeps the caller's column order, so a cached table needs no reordering.
-        key_columns = tuple(dict.fromkeys(columns)) if columns is not None else None
         self._requests: List[UnitRequest] = []
         self._schema: Optional[pa.Schema] = None
         schemas: List[pa.Schema] = []
+        parts_seen: List[str] = []
         for obj, (footer, meta, schema) in zip(objects, _footers(fs, objects, self._workers)):
             # Hive partition columns (Ray's default): strings, after the file's own columns;
             # a file column of the same name wins.
             parts = parquet.hive_partitions(obj.path) if partitioning == "hive" else ()
             parts = tuple((k, v) for k, v in parts if k not in schema.names)
-            if self._columns is not None:
-                parts = tuple((k, v) for k, v in parts if k in self._columns)
+            parts_seen.extend(k for k, _ in parts if k not in parts_seen)
+            cols = self._columns
+            if user_schema is not None:  # read only what the given schema keeps (Ray's schema=)
+                have = set(schema.names) | {k for k, _ in parts}
+                wanted = [f.name for f in user_schema if f.name not in parts_seen] + [k for k, _ in parts]
+                cols = [c for c in wanted if c in have and (self._columns is None or c in self._columns)]
+            if cols is not None:
+                parts = tuple((k, v) for k, v in parts if k in cols)
             full = pa.schema(list(schema) + [pa.field(k, pa.string()) for k, _ in parts])
-            if self._columns is not None:
-                missing = [c for c in self._columns if c not in full.names and not (include_paths and c == "path")]
+            if cols is not None:
+                missing = [c for c in cols if c not in full.names and not (include_paths and c == "path")]
                 if missing:
                     raise ValueError(
                         f"columns {missing} not in {obj.url}; its columns are {full.names}"
                     )
-                full = pa.schema([full.field(c) for c in self._columns if c in full.names])
+                full = pa.schema([full.field(c) for c in cols if c in full.names])
             if include_paths and "path" not in full.names:  # as Ray: after the others
                 full = full.append(pa.field("path", pa.string()))
             schemas.append(full)
             names = {k for k, _ in parts}
+            # The key keeps the caller's column order, so a cached table needs no reordering.
+            key_columns = tuple(dict.fromkeys(cols)) if cols is not None else None
             decode = None if key_columns is None else tuple(c for c in key_columns if c not in names)
             kind = "rg" if not parts else "rg+hive:" + "\x1f".join(k for k, _ in parts)
             for unit in parquet.plan_units(meta, unit_bytes):
@@ -133,6 +141,20 @@ class CachedParquetDatasource(Datasource):
         self.uniform_schema = all(s.equals(schemas[0]) for s in schemas)
         if schemas:
             self._schema = schemas[0] if self.uniform_schema else parquet.unify_schemas(schemas, self._paths)
+        if user_schema is not None:  # Ray's schema=: exactly it (cast, missing as nulls), then
+            # partition columns after the file's, as Ray orders them (typed as given, if given)
+            target = [f for f in user_schema if f.name not in parts_seen] + [
+                user_schema.field(k) if k in user_schema.names else pa.field(k, pa.string()) for k in parts_seen]
+            if include_paths and "path" not in user_schema.names:
+                target.append(pa.field("path", pa.string()))  # and the path
+            if self._columns is not None:
+                by_name = {f.name: f for f in target}
+                unknown = [c for c in self._columns if c not in by_name]
+                if unknown:
+                    raise ValueError(f"columns {unknown} not in the schema given: {user_schema.names}")
+                target = [by_name[c] for c in self._columns]
+            self._schema = pa.schema(target, metadata=user_schema.metadata)
+            self.uniform_schema = all(s.equals(self._schema) for s in schemas)
 
     @property
     def requests(self) -> List[UnitRequest]:

@@ -265,10 +265,19 @@ def unify_schemas(schemas: Sequence[pa.Schema], names: Sequence[str]) -> pa.Sche
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with ``schema``'s columns in its order, missing ones as nulls (no copy of
-    the columns it has)."""
+    """``table`` with ``schema``'s columns in its order, missing ones as nulls, others cast
+    to the schema's type (no copy of the columns whose type already matches).
+
+    >>> conform(pa.table({"a": [1], "b": ["x"]}), pa.schema([("a", pa.int32()), ("c", pa.string())])).to_pylist()
+    [{'a': 1, 'c': None}]
+    """
     if table.schema.equals(schema):
         return table
-    columns = [table.column(f.name) if f.name in table.schema.names
-               else pa.nulls(table.num_rows, f.type) for f in schema]
+    columns = []
+    for f in schema:
+        if f.name not in table.schema.names:
+            columns.append(pa.nulls(table.num_rows, f.type))
+        else:
+            col = table.column(f.name)
+            columns.append(col if col.type.equals(f.type) else col.cast(f.type))
     return pa.Table.from_arrays(columns, schema=schema)
