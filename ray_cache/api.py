@@ -17,6 +17,7 @@ import ray
 from ray_cache.cluster import membership
 from ray_cache.cluster.membership import ensure_ray as _ensure_ray, workers as _workers
 from ray_cache.store import access, underfs
+from ray_cache.store.keys import StoreObject
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray_cache.steering.ops import LoadJob, LoadReport
@@ -202,10 +203,12 @@ def read_parquet(
     has_extension("", file_extensions)  # ValueError for a malformed list, before listing
     extensions = list(file_extensions or ("parquet",))
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
-    objects = underfs.list_objects(fs, stripped, prove=False)
-    keep = set(select_files([o.path for o in objects], partition_filter, extensions, stripped))
-    objects = [o for o in objects if o.path in keep]
-    access.RIGHTS.require(fs, [o.path for o in objects])  # a listing is no right to read
+
+    def chosen(objects: List[StoreObject]) -> List[StoreObject]:
+        keep = set(select_files([o.path for o in objects], partition_filter, extensions, stripped))
+        return [o for o in objects if o.path in keep]
+
+    objects = access.list_readable(fs, stripped, keep=chosen)  # rights proven for those kept
     workers = _workers()
     from ray_cache.readers import fastpath, nodecopies
     from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading

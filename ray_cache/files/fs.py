@@ -8,9 +8,7 @@ fsspec URLs do, without importing ``ray_cache``::
 
     fsspec.open("raycache::s3://bucket/key", s3={"anon": True})
     fsspec.filesystem("raycache", target_protocol="gcs", target_options={...})
-    CacheFileSystem(fs=s3fs.S3FileSystem(...))
-
-Paths are the target's paths (``bucket/key``), with or without ``s3://`` or ``raycache://``.
+    CacheFileSystem(fs=s3fs.S3FileSystem(...))  # paths: bucket/key, s3:// or raycache://
 
 What goes through the cache, and what does not
 ------------------------------------------------
@@ -44,13 +42,11 @@ Writes through this filesystem are seen at once (its metadata is forgotten).
 Processes
 ---------
 The filesystem pickles by its constructor arguments plus the address of the Ray cluster
-it ran in, so it works in Ray tasks, Spark executors and ``DataLoader`` workers; see
-:mod:`ray_cache.files.pages` for what happens where. In short: Ray tasks and actors use Ray as
-it is; ``spawn``/``forkserver`` worker processes join the cluster and read through the
-cache; ``fork``-ed children of a Ray process cannot use Ray, so they map pages from this
-node's disk tier directly and read every other page from the store, counted
-(``CacheFileSystem.local_stats()["direct_pages"]``) and logged once. A process with no
-Ray at all starts one (``ray_cache.cluster.membership.workers()``: a local Ray and a cache worker).
+it ran in, so it works in Ray tasks, Spark executors and ``DataLoader`` workers
+(:mod:`ray_cache.files.pages`): Ray tasks use Ray; ``spawn`` children join the cluster;
+``fork``-ed children, which cannot use Ray, map this node's disk tier and ask its worker
+for the rest over a private Unix socket (:mod:`ray_cache.node.channel`). A process with no
+Ray at all starts one (a local Ray and a cache worker).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import ray
 
 from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.cluster import routing, membership, hashing
-from ray_cache.store import fetch, underfs
+from ray_cache.store import access, fetch, underfs
 from ray_cache.config import PAGE_SIZE
 from ray_cache.readers.datasource import CachedParquetDatasource
 from ray_cache.store.errors import PinCapacityError
@@ -78,7 +78,7 @@ def plan(
 ) -> Plan:
     """Resolve ``paths`` into the cache requests a load (or pin) consists of."""
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
-    objects = underfs.list_objects(fs, stripped)
+    objects = access.list_readable(fs, stripped)
     workers = membership.workers()
     names = [w.name for w in workers]
     parquet_objs = [o for o in objects if o.path.endswith(PARQUET_SUFFIXES)]

@@ -35,9 +35,11 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ray_cache.store import underfs
 from ray_cache.store.errors import raise_translated
+from ray_cache.store.keys import StoreObject
 
 #: Seconds a reader's proven right to read an object is trusted in one process.
 ACCESS_TTL_S = 300.0
@@ -89,12 +91,10 @@ class ReadRights:
                 if not os.access(p, os.R_OK):
                     raise PermissionError(13, "Permission denied", p)
         else:
-            from ray_cache.store.underfs import bounded_call, refresh
-
             def head(path: str) -> None:
-                refresh(fs, path)  # a listing's cached entry must not stand in for the HEAD
+                underfs.refresh(fs, path)  # a listing's cached entry must not stand in for the HEAD
                 try:
-                    bounded_call(fs, "info", path)
+                    underfs.bounded_call(fs, "info", path)
                 except Exception as exc:  # noqa: BLE001 - translated: PermissionError, FileNotFoundError
                     raise_translated(exc, path)
 
@@ -107,3 +107,17 @@ class ReadRights:
 
 #: This process's proofs, shared by every reader in it.
 RIGHTS = ReadRights()
+
+
+def list_readable(fs: Any, paths: Iterable[str], suffixes: Tuple[str, ...] = (),
+                  keep: Optional[Callable[[List[StoreObject]], List[StoreObject]]] = None) -> List[StoreObject]:
+    """:func:`ray_cache.store.underfs.list_objects`, narrowed by ``keep``, each object then
+    proven readable with ``fs`` (:data:`RIGHTS`): what every reader plans from."""
+    headed: List[str] = []
+    objects = underfs.list_objects(fs, paths, suffixes, headed=headed)
+    if not is_local(fs):
+        RIGHTS.note(fs, headed)  # a HEAD just passed for these
+    if keep is not None:
+        objects = keep(objects)
+    RIGHTS.require(fs, [o.path for o in objects])
+    return objects

@@ -14,7 +14,6 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem, FSTimeoutError, sync
 from fsspec.core import split_protocol
 
-from ray_cache.store import access
 from ray_cache.store.errors import raise_translated
 from ray_cache.store.keys import StoreObject
 
@@ -147,16 +146,16 @@ def refresh(fs: fsspec.AbstractFileSystem, path: Optional[str]) -> None:
 
 def list_objects(
     fs: fsspec.AbstractFileSystem, paths: Iterable[str], suffixes: Tuple[str, ...] = (),
-    prove: bool = True,
+    headed: Optional[List[str]] = None,
 ) -> List[StoreObject]:
     """Expand files, directories (recursively) and globs into objects with versions.
 
     Results keep the order of ``paths``; files inside a directory are sorted by path.
     Hidden files (``_SUCCESS``, ``.crc``) under a directory are skipped, as
     ``ray.data.read_parquet`` does. A path that matches nothing raises
-    ``FileNotFoundError`` naming it. Every object returned is one ``fs``'s credentials
-    may read (:mod:`ray_cache.store.access`): ``PermissionError`` names the first that
-    is not. ``prove=False`` leaves that to the caller (who filters the list first).
+    ``FileNotFoundError`` naming it. A listing proves no right to read what it lists:
+    readers go through :func:`ray_cache.store.access.list_readable`, which proves it;
+    ``headed`` collects the paths that were HEADed here (a single file named), which are.
     """
     protocol = protocol_of(fs)
     out: List[StoreObject] = []
@@ -170,8 +169,8 @@ def list_objects(
                 info = fs.info(path)
                 if _is_file(info):
                     found = [info]
-                    if not access.is_local(fs):
-                        access.RIGHTS.note(fs, [fs._strip_protocol(info.get("name") or path)])  # a HEAD just passed
+                    if headed is not None:
+                        headed.append(fs._strip_protocol(info.get("name") or path))
                 else:
                     found = [
                         i
@@ -185,8 +184,6 @@ def list_objects(
         if not found:
             raise FileNotFoundError(2, "No such file, directory or glob match", path)
         out.extend(object_of(fs, info, protocol) for info in sorted(found, key=lambda i: i["name"]))
-    if prove:
-        access.RIGHTS.require(fs, [o.path for o in out])  # listed is not readable: see store.access
     return out
 
 

@@ -9,7 +9,7 @@ It prints ``LISTENING <port>`` on stdout once ready, forwards every request
 byte for byte to the upstream server (Host header included) and records one
 entry per request. ``GET /__proxy__/requests`` and ``POST /__proxy__/reset``
 are answered by the proxy itself and are neither forwarded nor recorded.
-``POST /__proxy__/faults`` with ``{"rules": [...]}`` injects faults (see :class:`_Fault`):
+``POST /__proxy__/faults`` with ``{"rules": [...]}`` injects faults (see :mod:`faults`):
 answer ``503`` (S3's SlowDown) or ``500`` without forwarding, cut the connection
 mid-reply, stall a reply, or truncate a body behind a consistent ``Content-Length``.
 ``Expect: 100-continue`` is answered by the proxy (``100 Continue``) and the
@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 if __package__:
+    from ray_cache.testing.faults import S3_ERRORS, Fault, Sink, broken_reply
     from ray_cache.testing.s3server import ManagedProcess, s3_data_gets
 else:  # run as a script (as CountingProxy does): skip importing the heavy package
+    from faults import S3_ERRORS, Fault, Sink, broken_reply  # type: ignore[no-redef]
     from s3server import ManagedProcess, s3_data_gets  # type: ignore[no-redef]
 
 __all__ = ["CountingProxy", "s3_data_gets", "main"]
@@ -146,42 +148,6 @@ async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter, mode: str
     return wire, payload
 
 
-class _Fault:
-    """One injected fault: ``kind`` on every ``every``-th request matching ``method`` (and
-    ``path_contains``, and only ranged GETs if ``ranged``), at most ``times`` times.
-
-    Kinds: ``"503"`` / ``"500"`` (an S3 error reply, not forwarded), ``"cut"`` (half the
-    reply's body, then the connection closes), ``"truncate"`` (a complete-looking reply whose
-    ``Content-Length`` and body are half the real one), ``"stall"`` (the head and half the
-    body, then nothing for ``stall_s`` seconds, then the connection closes).
-    """
-
-    KINDS = ("503", "500", "cut", "truncate", "stall")
-
-    def __init__(self, kind: str, method: str = "GET", every: int = 1, times: int | None = None,
-                 path_contains: str = "", ranged: bool = False, stall_s: float = 3600.0) -> None:
-        if kind not in self.KINDS or every < 1:
-            raise ValueError(f"fault kind must be one of {self.KINDS} and every >= 1")
-        self.kind, self.method, self.every, self.times = kind, method.upper(), every, times
-        self.path_contains, self.ranged, self.stall_s = path_contains, ranged, stall_s
-        self.seen = self.fired = 0
-
-    def fires(self, method: str, target: str, headers: Headers) -> bool:
-        if method != self.method or self.path_contains not in target:
-            return False
-        if self.ranged and not any(n == "range" for n, _ in headers):
-            return False
-        self.seen += 1
-        if self.seen % self.every or (self.times is not None and self.fired >= self.times):
-            return False
-        self.fired += 1
-        return True
-
-
-_S3_ERRORS = {"503": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
-              "500": ("500 Internal Server Error", "InternalError", "We encountered an internal error.")}
-
-
 class _Proxy:
     """Proxy state inside the proxy process: upstream, records, link emulation, faults."""
 
@@ -190,7 +156,7 @@ class _Proxy:
         self.records: list[dict[str, Any]] = []
         self.limiter = _RateLimiter(rate) if rate else None
         self.latency = latency_ms / 1000.0
-        self.faults: list[_Fault] = []
+        self.faults: list[Fault] = []
 
     async def handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         """Serve one client connection (several requests when kept alive)."""
@@ -227,7 +193,7 @@ class _Proxy:
             self.records = []
         elif method == "POST" and target == CONTROL + "faults":
             rules = json.loads(raw or b"{}").get("rules", [])
-            self.faults = [_Fault(**r) for r in rules]
+            self.faults = [Fault(**r) for r in rules]
             body = json.dumps({"faults": len(self.faults)}).encode()
         elif method == "GET" and target == CONTROL + "faults":
             body = json.dumps([{"kind": f.kind, "seen": f.seen, "fired": f.fired} for f in self.faults]).encode()
@@ -256,11 +222,11 @@ class _Proxy:
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
-            if fault is not None and fault.kind in _S3_ERRORS:
+            if fault is not None and fault.kind in S3_ERRORS:
                 if expect:
                     cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                await _relay(creader, _Sink(), mode, length)  # the request body, dropped
-                status, code, message = _S3_ERRORS[fault.kind]
+                await _relay(creader, Sink(), mode, length)  # the request body, dropped
+                status, code, message = S3_ERRORS[fault.kind]
                 body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                         f"<Message>{message}</Message></Error>").encode()
                 cwriter.write(f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n"
@@ -295,7 +261,7 @@ class _Proxy:
             if method == "HEAD" or rec["status"] in (101, 204, 304):
                 rmode = "none"
             if fault is not None and rmode == "length" and rlength > 1:
-                return await self._broken_reply(fault, rhead, rlength, ureader, cwriter, up)
+                return await broken_reply(fault, rhead, rlength, ureader, cwriter, up)
             if self.limiter is not None:
                 await self.limiter.consume(len(rhead))
             cwriter.write(rhead)
@@ -316,36 +282,6 @@ class _Proxy:
             return False
         finally:
             self.records.append(rec)
-
-
-    async def _broken_reply(self, fault: _Fault, rhead: bytes, length: int,
-                            ureader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
-                            up: list[Any]) -> bool:
-        """Send half of a reply's body the way ``fault`` says, then close both connections."""
-        half = length // 2
-        if fault.kind == "truncate":
-            lines = rhead.decode("latin-1").split("\r\n")
-            lines = [f"Content-Length: {half}" if ln.lower().startswith("content-length:") else ln
-                     for ln in lines]
-            rhead = "\r\n".join(lines).encode("latin-1")
-        cwriter.write(rhead)
-        cwriter.write(await ureader.readexactly(half))
-        await cwriter.drain()
-        if fault.kind == "stall":
-            await asyncio.sleep(fault.stall_s)
-        up[1].close()  # the rest of the upstream body is never read: drop that connection
-        up[:] = [None, None]
-        return False  # and the client's
-
-
-class _Sink:
-    """A writer that drops what it is given (a request body answered without forwarding)."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    async def drain(self) -> None:
-        pass
 
 
 class CountingProxy(ManagedProcess):
