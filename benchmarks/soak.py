@@ -170,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     wrong.append(op.__name__)
             except Exception as exc:  # noqa: BLE001 - every error is a finding
                 errors.append(f"{op.__name__}: {type(exc).__name__}: {exc}")
-            pages.reader().clear() if rng.random() < 0.2 else None  # reads from the tiers too
+            if rng.random() < 0.2:
+                pages.reader().clear()  # so reads come from the tiers too, not this process
 
         warm = [s for s in samples if s["t_s"] >= args.minutes * 60 * args.warmup] or samples
         growth = (max(s["worker_rss"] for s in warm) / warm[0]["worker_rss"] - 1) if warm[0]["worker_rss"] else 0

@@ -185,8 +185,8 @@ def read_parquet(
     >>> ds.count()  # doctest: +SKIP
     1000000
     """
-    from ray_cache.readers.arguments import (check_partitioning, check_read_args, check_shuffle, has_extension,
-                                             select_files)
+    from ray_cache.readers.arguments import (check_partitioning, check_read_args, check_shuffle,
+                                             check_extensions, select_files)
 
     kwargs = check_read_args(kwargs)  # before any listing: refused, never ignored
     partitioning = check_partitioning(partitioning)
@@ -200,8 +200,7 @@ def read_parquet(
             raise ValueError(f"columns must be a list of column names, got {columns!r}")
     if not isinstance(include_paths, bool):
         raise ValueError(f"include_paths must be True or False, got {include_paths!r}")
-    has_extension("", file_extensions)  # ValueError for a malformed list, before listing
-    extensions = list(file_extensions or ("parquet",))
+    extensions = check_extensions(file_extensions)  # before any listing
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
 
     def chosen(objects: List[StoreObject]) -> List[StoreObject]:

@@ -9,6 +9,8 @@ the cache keeps serving what it has. Faults are counted at the proxy, not by us.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,8 +47,18 @@ def _fs(s3_server, proxy):
                              config_kwargs={"read_timeout": READ_TIMEOUT_S, "connect_timeout": READ_TIMEOUT_S})
 
 
-def _fired(proxy) -> int:
-    return proxy.faults_fired()
+@contextlib.contextmanager
+def _injected(proxy, *rules):
+    """Counts cleared, ``rules`` injected for the block; then ``run["fired"]`` says how many
+    faults fired (counted at the proxy) and the proxy is fault-free again."""
+    run = {}
+    proxy.reset()
+    proxy.inject(*rules)
+    try:
+        yield run
+    finally:
+        run["fired"] = proxy.faults_fired()
+        proxy.inject()
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
@@ -54,17 +66,13 @@ def test_parquet_reads_are_right_under_faults(cache, s3_server, s3fs_direct, fau
     paths = write_dataset(s3fs_direct, prefix, files=3, rows=12_000, rg_rows=3_000)
     want = pa.concat_tables([pq.read_table(p, filesystem=s3fs_direct) for p in paths]).sort_by("id")
     fs = _fs(s3_server, faulty)
-    faulty.reset()
-    faulty.inject(*FAULTS[fault])
-    try:
-        got = read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs, zero_copy=False))
-    except OSError as exc:  # allowed: a clear error naming the object ...
-        assert prefix in str(exc)
-        got = None
-    finally:
-        fired = _fired(faulty)
-        faulty.inject()
-    assert fired > 0, "the fault never fired: the test proved nothing"
+    got = None
+    with _injected(faulty, *FAULTS[fault]) as run:
+        try:
+            got = read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs, zero_copy=False))
+        except OSError as exc:  # allowed: a clear error naming the object ...
+            assert prefix in str(exc)
+    assert run["fired"] > 0, "the fault never fired: the test proved nothing"
     if got is not None:
         assert got.equals(want)
     # ... but nothing wrong or partial was cached: fault-free, right, and all from the cache
@@ -86,21 +94,14 @@ def test_file_reads_are_right_under_faults(cache, s3_server, s3fs_direct, faulty
     fs = _fs(s3_server, faulty)
     pages.reader().clear()
     rfs = CacheFileSystem(fs=fs, page_size=128 << 10, skip_instance_cache=True)
-    faulty.reset()
-    faulty.inject(*FAULTS[fault])
-    errors = []
-    try:
+    with _injected(faulty, *FAULTS[fault]) as run:
         for path, data in blobs.items():
             try:
                 with rfs.open(path, "rb") as f:
                     assert f.read() == data
-            except OSError as exc:
+            except OSError as exc:  # allowed: a clear error naming the object
                 assert path in str(exc)
-                errors.append(exc)
-    finally:
-        fired = _fired(faulty)
-        faulty.inject()
-    assert fired > 0
+    assert run["fired"] > 0
     pages.reader().clear()
     for path, data in blobs.items():
         assert rfs.cat_file(path) == data
@@ -116,14 +117,9 @@ def test_load_under_faults_then_warm(cache, s3_server, s3fs_direct, faulty, pref
     paths = write_dataset(s3fs_direct, prefix, files=2, rows=8_000, rg_rows=2_000)
     want = pa.concat_tables([pq.read_table(p, filesystem=s3fs_direct) for p in paths]).sort_by("id")
     fs = _fs(s3_server, faulty)
-    faulty.reset()
-    faulty.inject(*FAULTS[fault])
-    try:
+    with _injected(faulty, *FAULTS[fault]) as run:
         ray_cache.load(f"s3://{prefix}/", filesystem=fs)
-    finally:
-        fired = _fired(faulty)
-        faulty.inject()
-    assert fired > 0
+    assert run["fired"] > 0
     faulty.reset()
     assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=fs)).equals(want)
     assert data_gets(faulty) == []
@@ -134,16 +130,11 @@ def test_writes_through_the_cache_retry_and_land_whole(cache, s3_server, s3fs_di
     fs = _fs(s3_server, faulty)
     rfs = CacheFileSystem(fs=fs, skip_instance_cache=True)
     data = np.random.default_rng(4).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
-    faulty.reset()
-    faulty.inject({"kind": kind, "method": "PUT", "times": 1})
-    try:
+    with _injected(faulty, {"kind": kind, "method": "PUT", "times": 1}) as run:
         rfs.pipe_file(f"{prefix}/w.bin", data)
         with rfs.open(f"{prefix}/w2.bin", "wb") as f:
             f.write(data)
-    finally:
-        fired = _fired(faulty)
-        faulty.inject()
-    assert fired == 1
+    assert run["fired"] == 1
     for name in ("w.bin", "w2.bin"):
         assert s3fs_direct.cat_file(f"{prefix}/{name}") == data
         assert rfs.cat_file(f"{prefix}/{name}") == data

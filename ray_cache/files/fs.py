@@ -234,8 +234,8 @@ class CacheFileSystem(ChainedFileSystem):
             answer = bounded_call(target, method, path, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - one error table for every store
             raise_translated(exc, path)
-        if method == "info" and answer.get("type") == "file" and not access.is_local(target):
-            access.RIGHTS.note(target, [path])  # a HEAD passed: this reader may read it
+        if method == "info" and answer.get("type") == "file":
+            access.RIGHTS.note_head(target, [path])  # this reader may read it
         return answer
 
     def _remember_infos(self, infos: Any) -> None:

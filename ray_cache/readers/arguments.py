@@ -58,22 +58,30 @@ def check_partitioning(value: Any) -> Optional[str]:
                      f"partition columns as strings) or None, not {value!r} yet")
 
 
-def has_extension(path: str, extensions: Optional[Sequence[str]]) -> bool:
+def check_extensions(value: Optional[Sequence[str]]) -> List[str]:
+    """Ray's ``file_extensions`` as a list (None or empty: ``["parquet"]``, as Ray 2.60), or
+    ``ValueError`` saying what is allowed.
+
+    >>> check_extensions(None), check_extensions([".PARQUET", "parq"])
+    (['parquet'], ['.PARQUET', 'parq'])
+    """
+    if isinstance(value, str) or (value is not None and not all(isinstance(e, str) for e in value)):
+        raise ValueError(f"file_extensions must be a list of extensions like ['parquet'], got {value!r}")
+    return list(value or ("parquet",))
+
+
+def has_extension(path: str, extensions: Sequence[str]) -> bool:
     """Ray's ``file_extensions`` test: ``path`` ends with one of ``extensions`` (with or
-    without the dot, any case); None admits every path.
+    without the dot, any case).
 
     >>> has_extension("a/b.PARQUET", ["parquet"]), has_extension("a/b.csv", [".parquet"])
     (True, False)
     """
-    if extensions is None:
-        return True
-    if isinstance(extensions, str) or not all(isinstance(e, str) for e in extensions):
-        raise ValueError(f"file_extensions must be a list of extensions like ['parquet'], got {extensions!r}")
     ends = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     return path.lower().endswith(ends)
 
 
-def select_files(paths: List[str], partition_filter: Any, file_extensions: Optional[Sequence[str]],
+def select_files(paths: List[str], partition_filter: Any, file_extensions: Sequence[str],
                  asked: Any = None) -> List[str]:
     """The paths Ray's ``read_parquet`` reads after ``partition_filter`` and
     ``file_extensions``; Ray 2.60's ``ValueError`` (naming ``asked``) when none are left."""

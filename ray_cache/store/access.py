@@ -76,6 +76,12 @@ class ReadRights:
             for p in paths:
                 book[p] = now
 
+    def note_head(self, fs: Any, paths: Sequence[str]) -> None:
+        """Record that a HEAD of ``paths`` with ``fs`` just passed: a proof on a store, none for
+        local files (a ``stat`` needs no right to read)."""
+        if not is_local(fs):
+            self.note(fs, paths)
+
     def require(self, fs: Any, paths: Sequence[str]) -> int:
         """Prove ``fs`` may read each of ``paths`` not proven within ``ttl_s``; raises
         ``PermissionError`` (or ``FileNotFoundError``) naming the first path refused.
@@ -115,8 +121,7 @@ def list_readable(fs: Any, paths: Iterable[str], suffixes: Tuple[str, ...] = (),
     proven readable with ``fs`` (:data:`RIGHTS`): what every reader plans from."""
     headed: List[str] = []
     objects = underfs.list_objects(fs, paths, suffixes, headed=headed)
-    if not is_local(fs):
-        RIGHTS.note(fs, headed)  # a HEAD just passed for these
+    RIGHTS.note_head(fs, headed)
     if keep is not None:
         objects = keep(objects)
     RIGHTS.require(fs, [o.path for o in objects])
