@@ -20,10 +20,12 @@ class Fault:
     Kinds: ``"503"`` / ``"500"`` (an S3 error reply, not forwarded), ``"cut"`` (half the
     reply's body, then the connection closes), ``"truncate"`` (a complete-looking reply whose
     ``Content-Length`` and body are half the real one), ``"stall"`` (the head and half the
-    body, then nothing for ``stall_s`` seconds, then the connection closes).
+    body, then nothing for ``stall_s`` seconds, then the connection closes), ``"no-etag"``
+    (the reply, forwarded without its ``ETag`` header: a store that does not say which
+    version it made).
     """
 
-    KINDS = ("503", "500", "cut", "truncate", "stall")
+    KINDS = ("503", "500", "cut", "truncate", "stall", "no-etag")
 
     def __init__(self, kind: str, method: str = "GET", every: int = 1, times: int | None = None,
                  path_contains: str = "", ranged: bool = False, stall_s: float = 3600.0) -> None:
@@ -67,6 +69,17 @@ async def broken_reply(fault: "Fault", rhead: bytes, length: int,
     up[1].close()  # the rest of the upstream body is never read: drop that connection
     up[:] = [None, None]
     return False  # and the client's
+
+
+def without_header(rhead: bytes, name: str) -> bytes:
+    """A response head with every ``name`` header line left out.
+
+    >>> without_header(b"HTTP/1.1 200 OK\\r\\nETag: x\\r\\nA: b\\r\\n\\r\\n", "etag")
+    b'HTTP/1.1 200 OK\\r\\nA: b\\r\\n\\r\\n'
+    """
+    lines = rhead.decode("latin-1").split("\r\n")
+    keep = [ln for ln in lines if not ln.lower().startswith(name.lower() + ":")]
+    return "\r\n".join(keep).encode("latin-1")
 
 
 class Sink:

@@ -32,120 +32,30 @@ from pathlib import Path
 from typing import Any
 
 if __package__:
-    from ray_cache.testing.faults import S3_ERRORS, Fault, Sink, broken_reply
+    from ray_cache.testing.faults import S3_ERRORS, Fault, Sink, broken_reply, without_header
     from ray_cache.testing.s3server import ManagedProcess, s3_data_gets
+    from ray_cache.testing.wire import (HEAD_LIMIT, _body_mode, _parse_head, _ProtocolError,
+                                        _RateLimiter, _read_head, _relay, _tokens)
 else:  # run as a script (as CountingProxy does): skip importing the heavy package
-    from faults import S3_ERRORS, Fault, Sink, broken_reply  # type: ignore[no-redef]
+    from faults import S3_ERRORS, Fault, Sink, broken_reply, without_header  # type: ignore[no-redef]
     from s3server import ManagedProcess, s3_data_gets  # type: ignore[no-redef]
+    from wire import (HEAD_LIMIT, _body_mode, _parse_head, _ProtocolError,  # type: ignore[no-redef]
+                      _RateLimiter, _read_head, _relay, _tokens)
 
 __all__ = ["CountingProxy", "s3_data_gets", "main"]
 
-CHUNK = 64 * 1024  # largest single write to a client
-HEAD_LIMIT = 1 << 20  # largest message head accepted
 CONTROL = "/__proxy__/"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _ERRORS = (OSError, ValueError, EOFError, asyncio.LimitOverrunError)
 Headers = list[tuple[str, str]]
 
 
-class _ProtocolError(ValueError):
-    """Malformed or truncated HTTP message."""
+#: Longest a control call waits for requests in progress to be recorded (seconds).
+SETTLE_S = 10.0
 
 
 def _log(msg: str) -> None:
     print(f"proxy[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
-
-
-class _RateLimiter:
-    """Token bucket shared by all connections, with a burst of one chunk."""
-
-    def __init__(self, rate: float, burst: int = CHUNK) -> None:
-        self.rate, self.burst, self._t = float(rate), burst, 0.0
-
-    async def consume(self, n: int) -> None:
-        now = time.monotonic()
-        # Reserve n bytes on a virtual clock; no await before this, so atomic.
-        self._t = max(self._t, now - self.burst / self.rate) + n / self.rate
-        if self._t > now:
-            await asyncio.sleep(self._t - now)
-
-
-def _parse_head(raw: bytes) -> tuple[list[str], Headers]:
-    lines = raw.decode("latin-1").split("\r\n")
-    pairs = (ln.partition(":") for ln in lines[1:] if ln)
-    return lines[0].split(" ", 2), [(n.strip().lower(), v.strip()) for n, _, v in pairs]
-
-
-def _tokens(headers: Headers, name: str) -> set[str]:
-    return {t.strip().lower() for n, v in headers if n == name for t in v.split(",")}
-
-
-def _body_mode(headers: Headers) -> tuple[str, int]:
-    """Framing of a body: ("chunked"|"length"|"none"|"close", length)."""
-    if "chunked" in _tokens(headers, "transfer-encoding"):
-        return "chunked", 0
-    for name, value in headers:
-        if name == "content-length":
-            return ("length", int(value)) if int(value) > 0 else ("none", 0)
-    return "close", 0
-
-
-async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
-    """Read one message head; ``None`` on a clean EOF before it."""
-    try:
-        return await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial.strip():
-            return None
-        raise _ProtocolError("truncated message head") from exc
-    except asyncio.LimitOverrunError as exc:
-        raise _ProtocolError("message head too large") from exc
-
-
-async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter, mode: str,
-                 length: int = 0, limiter: _RateLimiter | None = None) -> tuple[int, int]:
-    """Copy one body unchanged from ``src`` to ``dst``; return (wire, payload) bytes."""
-    wire = payload = 0
-
-    async def send(data: bytes) -> None:
-        nonlocal wire
-        if limiter is not None:
-            await limiter.consume(len(data))
-        dst.write(data)
-        wire += len(data)
-        await dst.drain()
-
-    async def copy(remaining: int, until_eof: bool = False) -> None:
-        nonlocal payload
-        while remaining or until_eof:
-            data = await src.read(CHUNK if until_eof else min(CHUNK, remaining))
-            if not data:
-                if until_eof:
-                    return
-                raise _ProtocolError("body truncated")
-            remaining -= len(data)
-            payload += len(data)
-            await send(data)
-
-    if mode == "length":
-        await copy(length)
-    elif mode == "close":
-        await copy(0, until_eof=True)
-    elif mode == "chunked":
-        while True:
-            line = await src.readuntil(b"\r\n")
-            await send(line)
-            size = int(line.split(b";", 1)[0].strip() or b"x", 16)
-            if size == 0:
-                break
-            await copy(size)
-            await send(await src.readexactly(2))  # CRLF after the chunk data
-        while True:  # trailer fields, then the final empty line
-            line = await src.readuntil(b"\r\n")
-            await send(line)
-            if line == b"\r\n":
-                break
-    return wire, payload
 
 
 class _Proxy:
@@ -157,6 +67,10 @@ class _Proxy:
         self.limiter = _RateLimiter(rate) if rate else None
         self.latency = latency_ms / 1000.0
         self.faults: list[Fault] = []
+        # Requests being answered: a control call waits for them to be recorded, so a
+        # client that has its answer never reads (or resets) the records before it is in.
+        self.busy, self.idle = 0, asyncio.Event()
+        self.idle.set()
 
     async def handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         """Serve one client connection (several requests when kept alive)."""
@@ -185,6 +99,10 @@ class _Proxy:
         if mode == "chunked":
             raise _ProtocolError("chunked body on a control request")
         raw = await creader.readexactly(length)
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout=SETTLE_S)
+        except asyncio.TimeoutError:
+            pass  # a request still running (a capped link, a slow upstream): answer anyway
         status, body = "200 OK", b""
         if method == "GET" and target == CONTROL + "requests":
             body = json.dumps(self.records).encode()
@@ -219,6 +137,10 @@ class _Proxy:
         fault = next((f for f in self.faults if f.fires(method, target, headers)), None)
         if fault is not None:
             rec["fault"] = fault.kind
+        waited_for = fault is None or fault.kind != "stall"  # a stall is meant to hang
+        if waited_for:
+            self.busy += 1
+            self.idle.clear()
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
@@ -260,7 +182,9 @@ class _Proxy:
             rmode, rlength = _body_mode(rheaders)
             if method == "HEAD" or rec["status"] in (101, 204, 304):
                 rmode = "none"
-            if fault is not None and rmode == "length" and rlength > 1:
+            if fault is not None and fault.kind == "no-etag":
+                rhead = without_header(rhead, "etag")
+            elif fault is not None and rmode == "length" and rlength > 1:
                 return await broken_reply(fault, rhead, rlength, ureader, cwriter, up)
             if self.limiter is not None:
                 await self.limiter.consume(len(rhead))
@@ -282,6 +206,10 @@ class _Proxy:
             return False
         finally:
             self.records.append(rec)
+            if waited_for:
+                self.busy -= 1
+                if not self.busy:
+                    self.idle.set()
 
 
 class CountingProxy(ManagedProcess):
@@ -374,7 +302,7 @@ class CountingProxy(ManagedProcess):
     def inject(self, *rules: dict[str, Any]) -> None:
         """Replace the injected faults with ``rules`` (none: stop injecting).
 
-        Each rule is ``{"kind": "503"|"500"|"cut"|"truncate"|"stall", "method": "GET",
+        Each rule is ``{"kind": "503"|"500"|"cut"|"truncate"|"stall"|"no-etag", "method": "GET",
         "every": 1, "times": None, "path_contains": "", "ranged": False, "stall_s": 3600}``.
         Records of faulted requests carry ``"fault": kind``.
         """
