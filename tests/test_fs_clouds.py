@@ -104,6 +104,21 @@ def test_reads_come_through_the_cache_and_see_rewrites(cache, cloud):
     assert fs.cat_file(path, start=0, end=100) == data[::-1][:100]
 
 
+def test_a_file_written_through_is_read_back_warm_from_every_cloud(cache, cloud):
+    """S3 proves the version by its answer to the PUT, GCS by its MD5, Azure by size."""
+    data = np.random.default_rng(2).integers(0, 256, 5 * MiB + 3, dtype=np.uint8).tobytes()
+    path = f"{cloud.root}/t-{uuid.uuid4().hex[:8]}/w.bin"
+    fs = fsspec.filesystem("raycache", target_protocol=cloud.protocol, target_options=cloud.options,
+                           skip_instance_cache=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+    assert cloud.writer.cat_file(path) == data
+    pages.reader().clear()
+    cloud.proxy.reset()
+    assert fs.cat_file(path) == data
+    assert cloud.data_gets(cloud.proxy) == [], "written through: no data request"
+
+
 def test_parallel_page_fetches_share_their_version_checks(cache, azure):
     # Azure's reads here are not conditional, so each fetched page is followed by a version
     # check; concurrent checks share metadata requests (ray_cache.store.versions).

@@ -19,11 +19,13 @@ What goes through the cache, and what does not
   ``isdir``... built on them) is asked of the target and remembered in this process for
   ``metadata_ttl`` seconds (default :data:`METADATA_TTL_S`); ``0`` asks every time.
   ``created``, ``modified`` and ``sign`` are passed to the target as they are.
-- **Writes pass through** to the target (``open(..., "wb"/"ab"/"xb")``, ``pipe``,
-  ``pipe_file``, ``put``, ``put_file``, ``copy``, ``cp_file``, ``mv``, ``rm``, ``rm_file``,
-  ``touch``, ``mkdir``, ``makedirs``, ``rmdir``) and then forget all cached metadata of
-  this filesystem, so the next read sees the new version. Written bytes are not put into
-  the cache; the first read after a write fetches them.
+- **Writes are written through** (``open(..., "wb"/"xb")``, ``pipe_file``, ``put_file``,
+  ``put``): they reach the target as usual and, once the store has accepted them under a
+  version proven to be theirs, their pages are in the cache, so the first read anywhere
+  sends no data request (:mod:`ray_cache.files.write`). Other writes pass through
+  (``"ab"``, ``copy``, ``cp_file``, ``mv``, ``rm``, ``rm_file``, ``touch``, ``mkdir``,
+  ``makedirs``, ``rmdir``). Every write forgets this filesystem's cached metadata, so the
+  next read sees the new version.
 
 Consistency
 -----------
@@ -66,6 +68,7 @@ from ray_cache.cluster import forks
 from ray_cache.files import pages
 from ray_cache.files.file import CachedFile
 from ray_cache.files.meta import MetadataCache
+from ray_cache.files import write
 from ray_cache.store import access
 from ray_cache.store.errors import ObjectChangedError, raise_translated
 from ray_cache.store.keys import StoreObject
@@ -75,7 +78,6 @@ log = logging.getLogger("ray_cache.fs")
 
 #: Default seconds that ``info``/``ls``/``find`` answers are reused (``metadata_ttl=``).
 METADATA_TTL_S = 5.0
-_REMOTE_ARGS = ("path", "path1", "path2", "rpath")
 #: Read options that ask for another version than the current one: refused, not ignored.
 _VERSION_ARGS = ("version_id", "generation", "version")
 
@@ -113,7 +115,7 @@ def _rebuild(cls: type, args: tuple, kwargs: dict, address: Optional[str]) -> "C
     return make_instance(cls, args, kwargs)
 
 
-class CacheFileSystem(ChainedFileSystem):
+class CacheFileSystem(write.WriteMethods, ChainedFileSystem):
     """An fsspec filesystem reading any target filesystem through the ray_cache workers.
 
     Parameters
@@ -381,69 +383,5 @@ class CacheFileSystem(ChainedFileSystem):
             # Checked here too, as fsspec's pipe_file(mode="create") does: not every store
             # (or emulator) enforces exclusive creation at commit.
             raise FileExistsError(17, "File exists", path)
-        f = self.target.open(path, mode, block_size=block_size, autocommit=autocommit,
-                             cache_options=cache_options, **kwargs)
-        close = f.close
-
-        def close_then_forget() -> None:  # the object's new version must be looked up
-            try:
-                close()
-            finally:
-                self.invalidate_cache(path)
-
-        f.close = close_then_forget
-        return f
-
-    # -- writes pass through --------------------------------------------------------------
-    def _write(self, method: str, remote: Tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
-        args = tuple(self._unchain(a) if i in remote else a for i, a in enumerate(args))
-        for name in _REMOTE_ARGS:
-            if name in kwargs:
-                kwargs[name] = self._unchain(kwargs[name])
-        self.invalidate_cache()
-        try:
-            return getattr(self.target, method)(*args, **kwargs)
-        finally:
-            self.invalidate_cache()
-
-    def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> Any:
-        """Write ``value`` to ``path`` in the target (pass-through)."""
-        return self._write("pipe_file", (0,), path, value, *args, **kwargs)
-
-    def put_file(self, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
-        """Upload a local file to the target (pass-through)."""
-        return self._write("put_file", (1,), lpath, rpath, *args, **kwargs)
-
-    def put(self, lpath: Any, rpath: Any, *args: Any, **kwargs: Any) -> Any:
-        """Upload local files to the target, as the target's ``put`` does (pass-through)."""
-        return self._write("put", (1,), lpath, rpath, *args, **kwargs)
-
-    def copy(self, path1: Any, path2: Any, *args: Any, **kwargs: Any) -> Any:
-        """Copy within the target, as the target's ``copy`` does (pass-through)."""
-        return self._write("copy", (0, 1), path1, path2, *args, **kwargs)
-
-    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> Any:
-        return self._write("cp_file", (0, 1), path1, path2, **kwargs)
-
-    def mv(self, path1: Any, path2: Any, *args: Any, **kwargs: Any) -> Any:
-        """Move within the target (pass-through)."""
-        return self._write("mv", (0, 1), path1, path2, *args, **kwargs)
-
-    def rm(self, path: Any, *args: Any, **kwargs: Any) -> Any:
-        """Delete from the target (pass-through); cached pages of old versions age out."""
-        return self._write("rm", (0,), path, *args, **kwargs)
-
-    def rm_file(self, path: str) -> Any:
-        return self._write("rm_file", (0,), path)
-
-    def touch(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        return self._write("touch", (0,), path, *args, **kwargs)
-
-    def mkdir(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        return self._write("mkdir", (0,), path, *args, **kwargs)
-
-    def makedirs(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        return self._write("makedirs", (0,), path, *args, **kwargs)
-
-    def rmdir(self, path: str) -> Any:
-        return self._write("rmdir", (0,), path)
+        return write.open_for_writing(self, path, mode, block_size=block_size, autocommit=autocommit,
+                                      cache_options=cache_options, **kwargs)

@@ -36,6 +36,10 @@ log = logging.getLogger("ray_cache.node.entries")
 Served = Tuple[ray.ObjectRef, int, str]
 
 
+class _HandOverLost(Exception):
+    """A fill from a writer's bytes failed; whoever waited on it loads the key itself."""
+
+
 
 def matches(path: str, pattern: str) -> bool:
     """Whether ``path`` is ``pattern``, lies under it (a directory or prefix), or globs it.
@@ -118,27 +122,56 @@ class LocalCache:
             ref = self.memory.get(digest)
             if ref is not None:
                 return self._hit(ref, self.memory.sizes.get(digest, 0), "memory")
-
-        def fill() -> Served:
-            again = self.memory.get(digest)  # filled while we waited for the flight lock
-            if again is not None:
-                return again, self.memory.sizes.get(digest, 0), "memory"
-            table = self.disk.get(digest)
-            if table is not None:
-                return self.memory.put(digest, table), table.nbytes, "disk"
-            table = load()
-            ref = self.memory.put(digest, table)
-            self.prune_labels()
-            with self._lock:
-                self.labels[digest] = (key.protocol, key.path)
-            self._write_behind(digest, table, (key.protocol, key.path))
-            return ref, table.nbytes, "store"
-
-        ref, nbytes, tier = self._single_flight(digest, fill)
+        ref, nbytes, tier = self._single_flight(digest, lambda: self._fill(key, load))
         if tier == "store":
             self.count(misses=1)
             return ref, nbytes, tier
         return self._hit(ref, nbytes, tier)
+
+    def fill_later(self, key: EntryKey, load: Callable[[], pa.Table],
+                   submit: Callable[[Callable[[], None]], Any]) -> bool:
+        """Claim ``key`` now and fill it from ``load()`` on ``submit``'s thread: bytes a writer
+        handed over (counted ``written_entries``). A reader asking meanwhile waits for this
+        fill; if ``load`` fails (the writer died), it loads the key itself. False, doing
+        nothing, if the key is held or being filled already."""
+        digest = key.digest
+        if digest in self.memory.sizes or digest in self.disk.sizes:
+            return False
+        with self._lock:
+            if digest in self._inflight:
+                return False
+            fut = self._inflight[digest] = Future()
+
+        def run() -> None:
+            try:
+                value = self._fill(key, load)
+                self.count(written_entries=1)
+                fut.set_result(value)
+            except BaseException as exc:  # noqa: BLE001 - readers waiting load it themselves
+                log.debug("ray_cache: handed-over %s not kept (%s)", key.describe(), exc)
+                fut.set_exception(_HandOverLost())
+            finally:
+                with self._lock:
+                    self._inflight.pop(digest, None)
+
+        submit(run)
+        return True
+
+    def _fill(self, key: EntryKey, load: Callable[[], pa.Table]) -> Served:
+        digest = key.digest
+        again = self.memory.get(digest)  # filled while we waited for the flight lock
+        if again is not None:
+            return again, self.memory.sizes.get(digest, 0), "memory"
+        table = self.disk.get(digest)
+        if table is not None:
+            return self.memory.put(digest, table), table.nbytes, "disk"
+        table = load()
+        ref = self.memory.put(digest, table)
+        self.prune_labels()
+        with self._lock:
+            self.labels[digest] = (key.protocol, key.path)
+        self._write_behind(digest, table, (key.protocol, key.path))
+        return ref, table.nbytes, "store"
 
     def _hit(self, ref: ray.ObjectRef, nbytes: int, tier: str) -> Served:
         self.count(hits=1, bytes_from_cache=nbytes, **{f"{tier}_hits": 1, f"bytes_from_{tier}": nbytes})
@@ -152,7 +185,10 @@ class LocalCache:
                 fut = self._inflight[digest] = Future()
         if not leader:
             self.count(single_flight_waits=1)
-            ref, nbytes, _tier = fut.result(timeout=2 * WORKER_TIMEOUT_S)  # the leader's fetch
+            try:
+                ref, nbytes, _tier = fut.result(timeout=2 * WORKER_TIMEOUT_S)  # the leader's fetch
+            except _HandOverLost:  # a writer's bytes that never came: fetch them after all
+                return self._single_flight(digest, fill)
             return ref, nbytes, "memory"
         try:
             value = fill()

@@ -33,6 +33,7 @@ from ray_cache.node.calls import next_item
 from ray_cache.node.channel import ChannelServer, channel_path
 from ray_cache.node.metrics import WorkerMetrics
 from ray_cache.node.pageentry import page_buffer, page_table
+from ray_cache.node.uploads import UploadWatch
 
 log = logging.getLogger("ray_cache.node.worker")
 
@@ -65,6 +66,8 @@ class CacheWorker:
         self._stop = threading.Event()
         self._peers: Dict[str, Any] = {}
         self._parts: Dict[Tuple[str, str], fetch.PagePart] = {}  # parts being read, by first and last page
+        self.uploads = UploadWatch(self.cache.count)
+        self._handovers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ray-cache-handover")
         threading.Thread(target=self._export_loop, name="ray-cache-metrics", daemon=True).start()
         self.channel: Optional[ChannelServer] = None
         try:  # for this node's processes that cannot use Ray (forked readers)
@@ -244,6 +247,37 @@ class CacheWorker:
             return fetch.read_unit(fs, req, meta, self._count_store)
 
         return self.cache.get_or_load(req.key, load_unit)
+
+    # -- write-through (ray_cache.files.write) ----------------------------------------------
+    def adopt_pages(self, requests: Sequence[PageRequest], held: Sequence[List[ray.ObjectRef]]) -> int:
+        """Keep pages a writer just wrote: ``held[i][0]`` holds page ``requests[i]``'s bytes
+        (in the writer's object store), and the store has accepted them under
+        ``requests[i].obj.version`` (proven by the writer: :mod:`ray_cache.store.written`).
+
+        Returns once every page is claimed (a reader asking for one from now on waits for
+        it, and sends no data request), which is how many it returns; the bytes are taken
+        in the background. A page whose bytes cannot be had (the writer died first) is
+        fetched by whoever asks for it, never kept partial."""
+        def loader(req: PageRequest, ref: ray.ObjectRef):
+            def load() -> pa.Table:
+                data = ray.get(ref, timeout=WORKER_TIMEOUT_S)  # a view of the object on this node
+                if len(data) != req.end - req.start:
+                    raise ValueError(f"{req.key.describe()}: {len(data)} bytes handed over")
+                return page_table(data)
+            return load
+
+        return sum(self.cache.fill_later(r.key, loader(r, h[0]), self._handovers.submit)
+                   for r, h in zip(requests, held))
+
+    def watch_upload(self, fs: Any, bucket: str, key: str, upload_id: str, pid: int,
+                     started: Optional[str]) -> None:
+        """Abort this multipart upload if process ``pid`` (on this node) dies before
+        :meth:`forget_upload` (see :mod:`ray_cache.node.uploads`)."""
+        self.uploads.watch(fs, bucket, key, upload_id, pid, started)
+
+    def forget_upload(self, upload_id: str) -> None:
+        """The writer finished (or aborted) the upload itself."""
+        self.uploads.forget(upload_id)
 
     # -- the same-node channel (ray_cache.node.channel) ------------------------------------
     def channel_request(self, request: Tuple) -> Any:

@@ -1,0 +1,191 @@
+"""Write-through: what is written through ``raycache`` is read back with no data request.
+
+Every count of requests is taken at the counting proxy in front of the S3 server; bytes
+read back are compared with what s3fs itself reads from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+import ray_cache
+from conftest import data_gets, fresh_cache, gpu_node_ids, make_table
+from ray_cache.cluster import membership
+from ray_cache.files import pages
+from ray_cache.files.fs import CacheFileSystem
+from ray_cache.files.pagebuf import PAGE_SIZE
+
+MiB = 1 << 20
+
+
+def _blob(n: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def _rfs(s3fs_proxied) -> CacheFileSystem:
+    return CacheFileSystem(fs=s3fs_proxied, skip_instance_cache=True)
+
+
+def _uploads(s3fs_direct, prefix: str) -> list:
+    bucket, _, key = prefix.partition("/")
+    out = s3fs_direct.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+    return out.get("Uploads", [])
+
+
+def _read_back_cold_here(rfs, path):
+    """Read ``path`` with this process's buffers empty: every page from the workers or the store."""
+    pages.reader().clear()
+    return rfs.cat_file(path)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 9 * MiB + 5], ids=["empty", "small", "pages"])
+def test_a_file_written_through_is_read_back_with_no_data_request(cache, s3fs_direct, s3fs_proxied, proxy,
+                                                                  prefix, size):
+    rfs, data, path = _rfs(s3fs_proxied), _blob(size), f"{prefix}/w.bin"
+    before = ray_cache.stats()["written_entries"]
+    with rfs.open(path, "wb") as f:
+        for i in range(0, size, 3 * MiB):
+            f.write(data[i:i + 3 * MiB])
+    assert s3fs_direct.cat_file(path) == data, "the store has the bytes"
+    proxy.reset()
+    assert _read_back_cold_here(rfs, path) == data
+    assert data_gets(proxy) == []
+    assert ray_cache.stats()["written_entries"] - before == -(-size // PAGE_SIZE)
+
+
+def test_multipart_writes_and_every_write_method_are_written_through(cache, s3fs_direct, s3fs_proxied, proxy,
+                                                                     prefix, tmp_path):
+    rfs = _rfs(s3fs_proxied)
+    big = _blob(11 * MiB, 1)
+    with rfs.open(f"{prefix}/mpu.bin", "wb", block_size=5 * MiB) as f:  # three parts
+        f.write(big)
+    assert "-" in s3fs_direct.info(f"{prefix}/mpu.bin")["ETag"], "the store saw a multipart upload"
+    rfs.pipe_file(f"{prefix}/piped.bin", big[:1234])
+    local = tmp_path / "up.bin"
+    local.write_bytes(big[:5 * MiB])
+    rfs.put(str(local), f"{prefix}/put.bin")
+    with rfs.open(f"{prefix}/text.txt", "w") as f:
+        f.write("alpha\nbeta\n")
+    table = make_table(5_000)
+    pq.write_table(table, f"{prefix}/t.parquet", filesystem=rfs)
+    pd.DataFrame({"x": range(100)}).to_csv(f"raycache::s3://{prefix}/p.csv", index=False,
+                                          storage_options={"s3": dict(s3fs_proxied.storage_options)})
+    names = ["mpu.bin", "piped.bin", "put.bin", "text.txt", "t.parquet", "p.csv"]
+    want = {n: s3fs_direct.cat_file(f"{prefix}/{n}") for n in names}
+    proxy.reset()
+    pages.reader().clear()
+    got = {n: rfs.cat_file(f"{prefix}/{n}") for n in names}
+    assert got == want
+    assert pq.read_table(f"{prefix}/t.parquet", filesystem=rfs).equals(table)
+    assert data_gets(proxy) == [], "every one of them was cached as written"
+
+
+def test_a_write_that_fails_leaves_no_object_no_upload_and_no_entry(cache, s3fs_direct, s3fs_proxied, prefix):
+    rfs = _rfs(s3fs_proxied)
+    entries = sum(w["entries"] for w in ray_cache.status().workers)
+    before = ray_cache.stats()["written_entries"]
+    for size, block in ((1000, None), (12 * MiB, 5 * MiB)):  # one-shot PUT, and a started multipart upload
+        path = f"{prefix}/broken-{size}.bin"
+        with pytest.raises(RuntimeError, match="writer failed"):
+            with rfs.open(path, "wb", **({"block_size": block} if block else {})) as f:
+                f.write(_blob(size))
+                raise RuntimeError("writer failed")
+        assert not s3fs_direct.exists(path)
+    assert _uploads(s3fs_direct, prefix) == []
+    assert ray_cache.stats()["written_entries"] == before
+    assert sum(w["entries"] for w in ray_cache.status().workers) == entries
+
+
+KILLED_WRITER = """
+import os, signal, sys, json, ray, s3fs
+from ray_cache.files.fs import CacheFileSystem
+ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+rfs = CacheFileSystem(fs=s3fs.S3FileSystem(**json.loads(sys.argv[1]), skip_instance_cache=True),
+                      skip_instance_cache=True)
+f = rfs.open(sys.argv[2], "wb", block_size=5 * 2**20)
+f.write(os.urandom(6 * 2**20))  # the upload starts, a part is sent
+f.flush()
+print("part sent", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_writer_killed_mid_upload_leaves_nothing_behind(cache, s3_server, s3fs_direct, prefix):
+    path = f"{prefix}/killed.bin"
+    aborted = ray_cache.stats()["uploads_aborted"]
+    run = subprocess.run([sys.executable, "-c", KILLED_WRITER, json.dumps(s3_server.storage_options()), path],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == -9 and "part sent" in run.stdout, run.stderr[-3000:]
+    # The worker on this node looks at its writers every second; wait for it, bounded.
+    deadline = time.monotonic() + 60
+    while _uploads(s3fs_direct, prefix) and time.monotonic() < deadline:
+        ray.get([w.handle.status.remote() for w in membership.live_workers()], timeout=30)
+    assert _uploads(s3fs_direct, prefix) == [], "the dead writer's multipart upload was aborted"
+    assert not s3fs_direct.exists(path)
+    assert ray_cache.stats()["uploads_aborted"] == aborted + 1
+
+
+def test_a_write_whose_version_the_store_does_not_name_is_not_cached(cache, s3fs_direct, s3fs_proxied,
+                                                                      proxy, prefix):
+    """The store's answer to our commit is the proof of the version; without it (here the
+    proxy drops the PUT's ETag header) the write succeeds and nothing is kept."""
+    rfs, path = _rfs(s3fs_proxied), f"{prefix}/unproven.bin"
+    before = ray_cache.stats()["written_entries"]
+    proxy.inject({"kind": "no-etag", "method": "PUT", "path_contains": "unproven"})
+    try:
+        with rfs.open(path, "wb") as f:
+            f.write(b"x" * 1000)
+    finally:
+        proxy.inject()
+    assert proxy_fired(proxy)
+    assert s3fs_direct.cat_file(path) == b"x" * 1000
+    proxy.reset()
+    assert _read_back_cold_here(rfs, path) == b"x" * 1000
+    assert len(data_gets(proxy)) == 1, "not kept: read from the store"
+    assert ray_cache.stats()["written_entries"] == before
+    assert rfs.local_stats()["unproven_writes"] >= 1
+
+
+def proxy_fired(proxy) -> bool:
+    return any(r.get("fault") == "no-etag" for r in proxy.requests())
+
+
+@pytest.mark.slow
+def test_written_on_one_node_read_on_another_with_no_data_request(gpu_nodes, tmp_path, s3fs_direct,
+                                                                  s3fs_proxied, proxy, prefix):
+    """The rollout shape: the checkpoint written by a task on one GPU node, read by a task
+    on the other, the driver on a node with no cache worker."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    fresh_cache(tmp_path)
+    a, b = sorted(gpu_node_ids())
+    rfs = _rfs(s3fs_proxied)
+    data = _blob(13 * MiB + 3, 2)
+    paths = [f"{prefix}/ckpt/one-shot.bin", f"{prefix}/ckpt/multipart.bin"]
+
+    @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(a, soft=False))
+    def write(fs):
+        with fs.open(paths[0], "wb") as f:
+            f.write(data)
+        with fs.open(paths[1], "wb", block_size=5 * MiB) as f:
+            f.write(data)
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(b, soft=False))
+    def read(fs):
+        return [fs.cat_file(p) for p in paths], ray.get_runtime_context().get_node_id()
+
+    assert ray.get(write.remote(rfs), timeout=300) == a
+    proxy.reset()
+    got, node = ray.get(read.remote(rfs), timeout=300)
+    assert node == b and got == [data, data] == [s3fs_direct.cat_file(p) for p in paths]
+    assert data_gets(proxy) == [], "written on one node, read on another: no data request"
