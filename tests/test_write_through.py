@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -189,3 +190,36 @@ def test_written_on_one_node_read_on_another_with_no_data_request(gpu_nodes, tmp
     got, node = ray.get(read.remote(rfs), timeout=300)
     assert node == b and got == [data, data] == [s3fs_direct.cat_file(p) for p in paths]
     assert data_gets(proxy) == [], "written on one node, read on another: no data request"
+
+
+def _ray_rows(url, fs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ray.data.read_parquet(url, filesystem=fs)
+    return ds.schema(), sorted(ds.take_all(), key=lambda r: tuple(str(r[k]) for k in sorted(r)))
+
+
+def _ours_rows(ds):
+    return ds.schema(), sorted(ds.take_all(), key=lambda r: tuple(str(r[k]) for k in sorted(r)))
+
+
+def test_parquet_written_through_is_read_by_read_parquet_with_no_data_request(
+        cache, s3fs_direct, s3fs_proxied, proxy, prefix):
+    """A pipeline's output, written three ways (pyarrow, pandas, Ray Data with hive
+    partitions), read next by ``read_parquet``: the rows Ray reads, and no data GET."""
+    rfs = _rfs(s3fs_proxied)
+    table = make_table(20_000)
+    pq.write_table(table, f"{prefix}/flat/pyarrow.parquet", filesystem=rfs, row_group_size=5_000)
+    table.slice(0, 3_000).to_pandas().to_parquet(
+        f"raycache::s3://{prefix}/flat/pandas.parquet", storage_options={"s3": dict(s3fs_proxied.storage_options)})
+    ds = ray.data.from_arrow(table.slice(0, 4_000).append_column("part", pa.array(["a", "b"] * 2_000)))
+    ds.write_parquet(f"{prefix}/hive", filesystem=rfs, partition_cols=["part"])
+    for url in (f"s3://{prefix}/flat/", f"s3://{prefix}/hive/"):
+        proxy.reset()
+        got = _ours_rows(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+        assert data_gets(proxy) == [], f"{url}: the next stage's read sends no data request"
+        want = _ray_rows(url, s3fs_direct)
+        assert got[0].names == want[0].names and got[0].types == want[0].types, url
+        assert got[1] == want[1], url

@@ -46,12 +46,12 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 import ray
 
-from ray_cache.cluster import forks, hashing
+from ray_cache.cluster import forks
+from ray_cache.files import handover
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.node.uploads import start_time
 from ray_cache.store import access
-from ray_cache.store.fetch import page_request
 from ray_cache.store.underfs import object_of, protocol_of
 from ray_cache.store.written import WriteProof, proven_version
 
@@ -146,6 +146,7 @@ class WritingFile(io.IOBase):
         self._spool: Optional[PageSpool] = PageSpool(fs.page_size) if self._workers else None
         self._upload: Optional[Any] = None  # (worker handle, upload id) while S3 has it open
         self._done = False
+        self._head = self._tail = b""  # a file's first and last 4 bytes: is it Parquet?
         if self._protocol == "s3" and self._workers:
             self._hook_s3(f)
 
@@ -194,6 +195,10 @@ class WritingFile(io.IOBase):
     def write(self, data: Any) -> int:
         n = self._f.write(data)
         self._proof.update(data)
+        view = memoryview(data).cast("B")
+        if len(self._head) < 4:
+            self._head += bytes(view[:4 - len(self._head)])
+        self._tail = (self._tail + bytes(view[-4:]))[-4:]
         if self._spool is not None:
             self._spool.add(data)
         return n
@@ -269,14 +274,9 @@ class WritingFile(io.IOBase):
             self._fs._remember_infos([info])
             access.RIGHTS.note_head(target, [self.path])  # that HEAD proved this process may read it
         obj = object_of(target, info, self._protocol)
-        reqs = [page_request(obj, i, self._fs.page_size) for i in range(len(refs))]
-        names = [w.name for w in self._workers]
-        calls = []
-        for o, idx in hashing.group([r.key.digest for r in reqs], names).items():
-            calls.append(self._workers[o].handle.adopt_pages.remote(
-                [reqs[i] for i in idx], [[refs[i]] for i in idx]))
-        kept = sum(ray.get(calls, timeout=2 * WORKER_TIMEOUT_S))
-        self._fs._reader()._count(written_pages=kept)
+        parquet_like = self._head == self._tail == handover.MAGIC
+        counts = handover.hand_over(obj, refs, self._fs.page_size, self._workers, parquet_like)
+        self._fs._reader()._count(written_pages=counts["pages"], written_units=counts["units"])
 
     def _watch(self) -> None:
         mpu = getattr(self._f, "mpu", None)

@@ -269,6 +269,30 @@ class CacheWorker:
         return sum(self.cache.fill_later(r.key, loader(r, h[0]), self._handovers.submit)
                    for r, h in zip(requests, held))
 
+    def adopt_parquet(self, obj: StoreObject, footer: Optional[bytes], units: Sequence[UnitRequest],
+                      held: Sequence[List[Tuple[int, ray.ObjectRef]]], page_size: int) -> int:
+        """Keep the decoded units (and the footer, if given) of a Parquet file a writer just
+        wrote, as ``read_parquet`` will ask for them: each unit is decoded here, in the
+        background, from the written pages it spans (``held[i]``: ``(page index, ref)``).
+        Claimed before returning, like :meth:`adopt_pages`; returns how many were claimed."""
+        claimed = 0
+        if footer is not None:
+            claimed += self.cache.fill_later(fetch.footer_key(obj), lambda: page_table(footer),
+                                             self._handovers.submit)
+
+        def loader(req: UnitRequest, pages: List[Tuple[int, ray.ObjectRef]]):
+            def load() -> pa.Table:
+                views = {i: memoryview(ray.get(ref, timeout=WORKER_TIMEOUT_S)) for i, ref in pages}
+                meta = self._metadata(req.obj, req.footer)
+                segments = {start: _span(views, start, end, page_size)
+                            for start, end in parquet.unit_ranges(meta, req.unit, req.columns)}
+                return fetch.decode(req, meta, segments)
+            return load
+
+        for req, pages in zip(units, held):
+            claimed += self.cache.fill_later(req.key, loader(req, pages), self._handovers.submit)
+        return claimed
+
     def watch_upload(self, fs: Any, bucket: str, key: str, upload_id: str, pid: int,
                      started: Optional[str]) -> None:
         """Abort this multipart upload if process ``pid`` (on this node) dies before
@@ -344,3 +368,13 @@ class CacheWorker:
             while len(self._meta) > _META_CACHE_ITEMS:
                 self._meta.popitem(last=False)
         return meta
+
+
+def _span(views: Dict[int, memoryview], start: int, end: int, page_size: int) -> bytes:
+    """Bytes ``[start, end)`` of a file from its pages (``views``: page index to bytes)."""
+    first, last = start // page_size, (end - 1) // page_size
+    if first == last:
+        base = first * page_size
+        return bytes(views[first][start - base:end - base])
+    return b"".join(bytes(views[i][max(start - i * page_size, 0):min(end - i * page_size, page_size)])
+                    for i in range(first, last + 1))

@@ -19,12 +19,12 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource
 
 from ray_cache.cluster import routing
-from ray_cache.store import parquet
+from ray_cache.store import fetch, parquet
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import UNIT_TARGET_BYTES
 from ray_cache.readers.arguments import file_order
 from ray_cache.store.fetch import UnitRequest
-from ray_cache.store.keys import EntryKey, StoreObject
+from ray_cache.store.keys import StoreObject
 
 
 #: One parsed footer: its bytes, pyarrow's metadata and the Arrow schema.
@@ -103,8 +103,7 @@ class CachedParquetDatasource(Datasource):
         for obj, (footer, meta, schema) in zip(objects, _footers(fs, objects, self._workers)):
             # Hive partition columns (Ray's default): strings, after the file's own columns;
             # a file column of the same name wins.
-            parts = parquet.hive_partitions(obj.path) if partitioning == "hive" else ()
-            parts = tuple((k, v) for k, v in parts if k not in schema.names)
+            parts = fetch.default_partitions(obj, schema) if partitioning == "hive" else ()
             parts_seen.extend(k for k, _ in parts if k not in parts_seen)
             cols = self._columns
             if user_schema is not None:  # read only what the given schema keeps (Ray's schema=)
@@ -128,10 +127,7 @@ class CachedParquetDatasource(Datasource):
             # The key keeps the caller's column order, so a cached table needs no reordering.
             key_columns = tuple(dict.fromkeys(cols)) if cols is not None else None
             decode = None if key_columns is None else tuple(c for c in key_columns if c not in names)
-            kind = "rg" if not parts else "rg+hive:" + "\x1f".join(k for k, _ in parts)
-            for unit in parquet.plan_units(meta, unit_bytes):
-                key = EntryKey(obj.protocol, obj.path, obj.version, kind, unit.start, unit.stop, key_columns)
-                self._requests.append(UnitRequest(key, obj, footer, unit, decode, parts))
+            self._requests.extend(fetch.unit_requests(obj, footer, meta, parts, key_columns, decode, unit_bytes))
         self._paths = [o.url for o in objects]
         self._include_paths = include_paths
         self._shuffle = shuffle

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_cache.config import UNIT_TARGET_BYTES
 from ray_cache.store import conditional, parquet, underfs, versions
 from ray_cache.store.errors import ObjectChangedError
 from ray_cache.store.keys import EntryKey, StoreObject
@@ -133,9 +134,36 @@ def read_unit(
     fetch = CheckedFetcher(fs, obj, count)
     blobs = fetch(ranges)
     fetch.done()
-    segments = {start: blob for (start, _end), blob in zip(ranges, blobs)}
-    table = parquet.decode_unit(obj.size, req.footer, meta, req.unit, req.columns, segments)
+    return decode(req, meta, {start: blob for (start, _end), blob in zip(ranges, blobs)})
+
+
+def decode(req: UnitRequest, meta: pq.FileMetaData, segments: Dict[int, Any]) -> pa.Table:
+    """A unit's table from its column-chunk segments (``{start: bytes}`` of
+    :func:`ray_cache.store.parquet.unit_ranges`), wherever they came from."""
+    table = parquet.decode_unit(req.obj.size, req.footer, meta, req.unit, req.columns, segments)
     return parquet.with_partitions(table, req.partitions, req.key.columns) if req.partitions else table
+
+
+def unit_requests(obj: StoreObject, footer: bytes, meta: pq.FileMetaData,
+                  parts: Tuple[Tuple[str, str], ...] = (), key_columns: Optional[Tuple[str, ...]] = None,
+                  columns: Optional[Tuple[str, ...]] = None, unit_bytes: int = UNIT_TARGET_BYTES,
+                  ) -> List[UnitRequest]:
+    """The units of one object as ``read_parquet`` asks for them: the one place their keys
+    are made (a reader's plan and a writer's hand-over must agree on them).
+
+    ``parts``: hive partition columns appended after decoding; ``key_columns``: the columns
+    asked for, in order (None: all); ``columns``: the file's own columns among them.
+    """
+    kind = "rg" if not parts else "rg+hive:" + "\x1f".join(k for k, _ in parts)
+    return [UnitRequest(EntryKey(obj.protocol, obj.path, obj.version, kind, u.start, u.stop, key_columns),
+                        obj, footer, u, columns, parts)
+            for u in parquet.plan_units(meta, unit_bytes)]
+
+
+def default_partitions(obj: StoreObject, schema: pa.Schema) -> Tuple[Tuple[str, str], ...]:
+    """Hive partition columns of ``obj``'s path that ``read_parquet`` adds by default (a file
+    column of the same name wins)."""
+    return tuple((k, v) for k, v in parquet.hive_partitions(obj.path) if k not in schema.names)
 
 
 #: Consecutive cold pages of one object are fetched together, one ranged GET per up to this

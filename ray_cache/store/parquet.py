@@ -235,7 +235,9 @@ def with_partitions(table: pa.Table, partitions: Sequence[Tuple[str, str]],
 def unify_schemas(schemas: Sequence[pa.Schema], names: Sequence[str]) -> pa.Schema:
     """One schema for files whose schemas differ, as Ray Data reads them: every column of
     the first file in its order, then each column a later file adds, in order of first
-    appearance; a column missing from a file reads as nulls. Incompatible types raise
+    appearance; a column missing from a file reads as nulls. Types that differ are widened
+    as Ray's read does (pyarrow's permissive promotion: ``string`` and ``large_string`` read
+    as ``large_string``, ``int32`` and ``int64`` as ``int64``); incompatible ones raise
     ``ValueError`` naming both files (``names``: one per schema).
 
     Examples
@@ -244,6 +246,8 @@ def unify_schemas(schemas: Sequence[pa.Schema], names: Sequence[str]) -> pa.Sche
     >>> b = pa.schema([("id", pa.int64()), ("y", pa.string()), ("x", pa.float64())])
     >>> unify_schemas([a, b], ["a.parquet", "b.parquet"]).names
     ['id', 'x', 'y']
+    >>> unify_schemas([pa.schema([("s", pa.string())]), pa.schema([("s", pa.large_string())])], ["a", "b"]).types
+    [DataType(large_string)]
     >>> unify_schemas([a, pa.schema([("x", pa.string())])], ["a.parquet", "c.parquet"])
     Traceback (most recent call last):
     ...
@@ -256,11 +260,15 @@ def unify_schemas(schemas: Sequence[pa.Schema], names: Sequence[str]) -> pa.Sche
             continue
         for field in schema:
             if field.name in first and field.type != unified.field(field.name).type:
-                raise ValueError(
-                    f"{name} and {first[field.name]} have incompatible schemas: column "
-                    f"{field.name!r} is {field.type} in one and {unified.field(field.name).type} in the other")
+                try:
+                    pa.unify_schemas([pa.schema([unified.field(field.name)]), pa.schema([field])],
+                                     promote_options="permissive")
+                except (pa.ArrowTypeError, pa.ArrowInvalid):
+                    raise ValueError(
+                        f"{name} and {first[field.name]} have incompatible schemas: column {field.name!r} "
+                        f"is {field.type} in one and {unified.field(field.name).type} in the other") from None
             first.setdefault(field.name, name)
-        unified = pa.unify_schemas([unified, schema])
+        unified = pa.unify_schemas([unified, schema], promote_options="permissive")
     return unified
 
 
