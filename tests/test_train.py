@@ -56,6 +56,17 @@ def make_train_loop():
                 with open(os.path.join(config["out"], f"gets-e{epoch}.json"), "w") as fh:
                     json.dump(gets, fh)
             dist.barrier()
+        # The trained model, saved as a checkpoint to storage reached through raycache.
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"w": torch.arange(300_000, dtype=torch.float32)}, os.path.join(d, "model.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"epochs": config["epochs"]}, checkpoint=checkpoint)
 
     return train_loop
 
@@ -63,8 +74,13 @@ def make_train_loop():
 def test_torch_trainer_epochs_read_every_row_once_and_only_the_first_touches_the_store(
     cache, s3fs_direct, s3fs_proxied, proxy, prefix, tmp_path
 ):
+    import pyarrow.fs
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from ray_cache.files import pages
+    from ray_cache.files.fs import CacheFileSystem
 
     write_dataset(s3fs_direct, prefix, files=FILES, rows=ROWS, rg_rows=ROWS // 2)
     ds = ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied, columns=["id", "x", "label"])
@@ -77,9 +93,11 @@ def test_torch_trainer_epochs_read_every_row_once_and_only_the_first_touches_the
         datasets={"train": ds, "shuffled": ds.random_shuffle()},
         # Half a CPU each: the other CPU of this 2-CPU cluster runs the read tasks.
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(storage_path=str(tmp_path / "ray_train"), name="ingest"),
+        # Checkpoints go to the S3 server through raycache (uncounted: the proxy counts reads).
+        run_config=RunConfig(storage_path=f"{prefix}/ray_train", name="ingest", storage_filesystem=pyarrow.fs.PyFileSystem(
+            pyarrow.fs.FSSpecHandler(CacheFileSystem(fs=s3fs_direct, skip_instance_cache=True)))),
     )
-    trainer.fit()
+    result = trainer.fit()
 
     everything = np.arange(FILES * ROWS)
     orders = {}
@@ -99,6 +117,15 @@ def test_torch_trainer_epochs_read_every_row_once_and_only_the_first_touches_the
         f"data GETs at the store after each epoch: {gets}; later epochs must add none")
     assert gets[-1] == len(data_gets(proxy))
     assert ray_cache.stats()["hits"] > 0
+
+    # The checkpoint was written through: read back (as a rollout would), no data request.
+    saved = [p for p in s3fs_direct.find(result.checkpoint.path) if p.endswith("model.pt")]
+    assert len(saved) == 1
+    want = s3fs_direct.cat_file(saved[0])
+    proxy.reset()
+    pages.reader().clear()
+    assert CacheFileSystem(fs=s3fs_proxied, skip_instance_cache=True).cat_file(saved[0]) == want
+    assert data_gets(proxy) == [], "a checkpoint saved through raycache is read back warm"
 
 
 def test_prefetch_fills_a_cold_cache_so_the_first_epoch_sends_no_data_request(

@@ -223,3 +223,42 @@ def test_parquet_written_through_is_read_by_read_parquet_with_no_data_request(
         want = _ray_rows(url, s3fs_direct)
         assert got[0].names == want[0].names and got[0].types == want[0].types, url
         assert got[1] == want[1], url
+
+
+def test_a_hand_over_whose_bytes_never_come_is_fetched_by_the_reader_waiting_on_it(ray_session, tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray_cache.config import WorkerConfig
+    from ray_cache.node.entries import LocalCache
+    from ray_cache.node.pageentry import page_table
+    from ray_cache.store.keys import EntryKey
+
+    lc = LocalCache(WorkerConfig(memory_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=str(tmp_path)))
+    pool = ThreadPoolExecutor(1)
+    key = EntryKey("s3", "b/k", "etag:e/1", "page4", 0, 1)
+    release = threading.Event()
+
+    def lost():
+        release.wait(60)
+        raise OSError("the writer's object is gone")
+
+    try:
+        assert lc.fill_later(key, lost, pool.submit), "claimed"
+        assert not lc.fill_later(key, lost, pool.submit), "claimed once"
+        got = {}
+        reader = threading.Thread(target=lambda: got.setdefault("v", lc.get_or_load(key, lambda: page_table(b"z"))))
+        reader.start()
+        deadline = time.monotonic() + 60
+        while lc.counters["single_flight_waits"] == 0 and time.monotonic() < deadline:
+            reader.join(0.01)  # until the reader waits on the claimed fill
+        assert lc.counters["single_flight_waits"] == 1
+        release.set()
+        reader.join(60)
+        ref, nbytes, tier = got["v"]
+        assert tier == "store" and ray.get(ref).column(0)[0].as_py() == b"z", "the reader loaded it itself"
+        assert lc.counters["misses"] == 1 and lc.counters["written_entries"] == 0
+    finally:
+        pool.shutdown()
+        lc.flush()
+        lc.disk.close()

@@ -2,8 +2,10 @@
 
 Called by :mod:`ray_cache.files.write` once the store has accepted a file and its version
 is proven. Every entry goes to the worker that owns its key (rendezvous hashing, as for
-reads), which claims it before answering (so a reader asking from then on waits for it)
-and takes the bytes from this process's object store in the background.
+reads). The pages' objects are the calls' own arguments, so Ray moves them to the owner
+before the call runs; the owner claims each entry before answering (a reader asking from
+then on waits for it) and copies it into its tiers in the background. Once the calls
+return, this process may exit without losing any of it.
 
 **Parquet** (a file that begins and ends with ``PAR1``, every page spooled): besides its
 pages, its footer and its decoded units are handed over exactly as ``read_parquet`` with
@@ -43,7 +45,7 @@ def hand_over(obj: StoreObject, refs: List[ray.ObjectRef], page_size: int, worke
     calls: List[Tuple[str, Any]] = []
     for o, idx in hashing.group([r.key.digest for r in reqs], names).items():
         calls.append(("pages", workers[o].handle.adopt_pages.remote(
-            [reqs[i] for i in idx], [[refs[i]] for i in idx])))
+            [reqs[i] for i in idx], *[refs[i] for i in idx])))
     if parquet_like and len(refs) * page_size >= obj.size:
         try:
             calls.extend(("units", c) for c in _parquet_calls(obj, refs, page_size, workers, names))
@@ -66,13 +68,14 @@ def _parquet_calls(obj: StoreObject, refs: List[ray.ObjectRef], page_size: int,
     by_owner.setdefault(footer_owner, [])
     calls = []
     for o, idx in by_owner.items():
-        held = []
+        spans = []
         for i in idx:
-            spans = parquet.unit_ranges(meta, units[i].unit, units[i].columns)
-            pages = sorted({p for s, e in spans for p in range(s // page_size, (e - 1) // page_size + 1)})
-            held.append([(p, refs[p]) for p in pages])
+            ranges = parquet.unit_ranges(meta, units[i].unit, units[i].columns)
+            spans.append(sorted({p for s, e in ranges for p in range(s // page_size, (e - 1) // page_size + 1)}))
+        page_ids = sorted({p for span in spans for p in span})
         calls.append(workers[o].handle.adopt_parquet.remote(
-            obj, footer if o == footer_owner else None, [units[i] for i in idx], held, page_size))
+            obj, footer if o == footer_owner else None, [units[i] for i in idx], spans, page_ids, page_size,
+            *[refs[p] for p in page_ids]))
     return calls
 
 

@@ -8,12 +8,9 @@ process's object store as it fills (:class:`PageSpool`). When the target's ``clo
 returns (the store has accepted the object) and the store's version is proven to be these
 bytes (:mod:`ray_cache.store.written`: one HEAD), each page goes to its owning worker
 (``adopt_pages``: the worker takes it from this node's object store), so the first read
-anywhere sends no data request. ``close`` waits until every owner has claimed its pages
-(one round trip each, bounded by ``WORKER_TIMEOUT_S``): from then on a reader anywhere
-waits for the owner's copy rather than fetching. The owners take the bytes in the
-background; the objects stay alive while they do (Ray counts the owners as borrowers), as
-long as this process lives. If it exits first, those pages are fetched by their first
-reader instead: correct, one GET each.
+anywhere sends no data request. ``close`` waits until every owner has the bytes on its
+node and has claimed its pages (bounded by ``WORKER_TIMEOUT_S``): from then on a reader
+anywhere waits for the owner's copy rather than fetching, and this process may exit.
 
 What is kept, and what is not:
 

@@ -249,48 +249,51 @@ class CacheWorker:
         return self.cache.get_or_load(req.key, load_unit)
 
     # -- write-through (ray_cache.files.write) ----------------------------------------------
-    def adopt_pages(self, requests: Sequence[PageRequest], held: Sequence[List[ray.ObjectRef]]) -> int:
-        """Keep pages a writer just wrote: ``held[i][0]`` holds page ``requests[i]``'s bytes
-        (in the writer's object store), and the store has accepted them under
-        ``requests[i].obj.version`` (proven by the writer: :mod:`ray_cache.store.written`).
+    def adopt_pages(self, requests: Sequence[PageRequest], *pages: Any) -> int:
+        """Keep pages a writer just wrote: ``pages[i]`` is page ``requests[i]``'s bytes, and
+        the store has accepted them under ``requests[i].obj.version`` (proven by the writer:
+        :mod:`ray_cache.store.written`).
 
-        Returns once every page is claimed (a reader asking for one from now on waits for
-        it, and sends no data request), which is how many it returns; the bytes are taken
-        in the background. A page whose bytes cannot be had (the writer died first) is
-        fetched by whoever asks for it, never kept partial."""
-        def loader(req: PageRequest, ref: ray.ObjectRef):
+        The writer passes its objects as the call's own arguments, so Ray has them on this
+        node before this runs, and a writer that exits once this returns loses nothing.
+        Returns once every page is claimed (a reader asking from then on waits for it and
+        sends no data request), which is how many it returns; they are copied into the
+        tiers in the background."""
+        def loader(req: PageRequest, data: Any):
             def load() -> pa.Table:
-                data = ray.get(ref, timeout=WORKER_TIMEOUT_S)  # a view of the object on this node
                 if len(data) != req.end - req.start:
                     raise ValueError(f"{req.key.describe()}: {len(data)} bytes handed over")
                 return page_table(data)
             return load
 
-        return sum(self.cache.fill_later(r.key, loader(r, h[0]), self._handovers.submit)
-                   for r, h in zip(requests, held))
+        return sum(self.cache.fill_later(r.key, loader(r, d), self._handovers.submit)
+                   for r, d in zip(requests, pages))
 
     def adopt_parquet(self, obj: StoreObject, footer: Optional[bytes], units: Sequence[UnitRequest],
-                      held: Sequence[List[Tuple[int, ray.ObjectRef]]], page_size: int) -> int:
+                      spans: Sequence[Sequence[int]], page_ids: Sequence[int], page_size: int,
+                      *pages: Any) -> int:
         """Keep the decoded units (and the footer, if given) of a Parquet file a writer just
         wrote, as ``read_parquet`` will ask for them: each unit is decoded here, in the
-        background, from the written pages it spans (``held[i]``: ``(page index, ref)``).
-        Claimed before returning, like :meth:`adopt_pages`; returns how many were claimed."""
+        background, from the written pages it spans (``spans[i]``: indices of the file's
+        pages; ``pages[j]`` is page ``page_ids[j]``). Claimed before returning, like
+        :meth:`adopt_pages`; returns how many were claimed."""
         claimed = 0
         if footer is not None:
             claimed += self.cache.fill_later(fetch.footer_key(obj), lambda: page_table(footer),
                                              self._handovers.submit)
+        views = {i: memoryview(p) for i, p in zip(page_ids, pages)}
 
-        def loader(req: UnitRequest, pages: List[Tuple[int, ray.ObjectRef]]):
+        def loader(req: UnitRequest, span: Sequence[int]):
             def load() -> pa.Table:
-                views = {i: memoryview(ray.get(ref, timeout=WORKER_TIMEOUT_S)) for i, ref in pages}
                 meta = self._metadata(req.obj, req.footer)
-                segments = {start: _span(views, start, end, page_size)
+                mine = {i: views[i] for i in span}
+                segments = {start: _span(mine, start, end, page_size)
                             for start, end in parquet.unit_ranges(meta, req.unit, req.columns)}
                 return fetch.decode(req, meta, segments)
             return load
 
-        for req, pages in zip(units, held):
-            claimed += self.cache.fill_later(req.key, loader(req, pages), self._handovers.submit)
+        for req, span in zip(units, spans):
+            claimed += self.cache.fill_later(req.key, loader(req, span), self._handovers.submit)
         return claimed
 
     def watch_upload(self, fs: Any, bucket: str, key: str, upload_id: str, pid: int,
