@@ -17,7 +17,7 @@ from typing import Dict, List, Set, Tuple
 import ray_cache
 
 PKG = pathlib.Path(ray_cache.__file__).parent
-FACES = {"ray_cache", "api", "cli", "display", "demo", "fs", "train", "folder"}
+FACES = {"ray_cache", "api", "cli", "display", "demo", "fs", "train", "folder", "spark"}
 RANK = {"faces": 6, "steering": 5, "readers": 4, "files": 4, "cluster": 3, "node": 2, "store": 1,
         "config": 0}
 

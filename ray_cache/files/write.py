@@ -44,6 +44,7 @@ import numpy as np
 import ray
 
 from ray_cache.cluster import forks
+from ray_cache.cluster.routing import WORKER_GONE
 from ray_cache.files import handover
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
@@ -272,7 +273,11 @@ class WritingFile(io.IOBase):
             access.RIGHTS.note_head(target, [self.path])  # that HEAD proved this process may read it
         obj = object_of(target, info, self._protocol)
         parquet_like = self._head == self._tail == handover.MAGIC
-        counts = handover.hand_over(obj, refs, self._fs.page_size, self._workers, parquet_like)
+        try:
+            counts = handover.hand_over(obj, refs, self._fs.page_size, self._workers, parquet_like)
+        except WORKER_GONE:  # this process knew workers that have been replaced: ask Ray again
+            self._workers = self._fs._reader().workers(refresh=True) or []
+            counts = handover.hand_over(obj, refs, self._fs.page_size, self._workers, parquet_like)
         self._fs._reader()._count(written_pages=counts["pages"], written_units=counts["units"])
 
     def _watch(self) -> None:

@@ -57,7 +57,8 @@ def resolve_filesystem(
             cls = fsspec.get_filesystem_class(protocol)
         except (ValueError, ImportError) as exc:
             raise ValueError(f"unknown or unavailable protocol {protocol!r}: {exc}") from None
-        filesystem = cls(**(storage_options or {}))
+        options = storage_options or (s3_options_from_environment() if protocol in ("s3", "s3a") else {})
+        filesystem = cls(**options)
     elif not isinstance(filesystem, fsspec.AbstractFileSystem):
         try:
             import pyarrow.fs as pafs
@@ -74,6 +75,39 @@ def resolve_filesystem(
             )
     stripped = [filesystem._strip_protocol(p) for p in paths]
     return filesystem, stripped
+
+
+def s3_options_from_environment(env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """s3fs options naming what ``AWS_*`` variables of this process say (static keys, an
+    endpoint, a region), or ``{}`` when they name no key.
+
+    The filesystem travels (pickled, by its options) to the cache workers and read tasks,
+    whose processes do not share this one's environment: keys found only here would be
+    missing there. Keys from elsewhere (profiles, instance roles) are not copied: each
+    node finds its own, and they may expire. Never logged.
+
+    >>> s3_options_from_environment({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+    ...                              "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"})["client_kwargs"]
+    {'endpoint_url': 'http://127.0.0.1:9000'}
+    >>> s3_options_from_environment({})
+    {}
+    """
+    env = os.environ if env is None else env
+    if not env.get("AWS_ACCESS_KEY_ID") or not env.get("AWS_SECRET_ACCESS_KEY"):
+        return {}
+    options: Dict[str, Any] = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"]}
+    if env.get("AWS_SESSION_TOKEN"):
+        options["token"] = env["AWS_SESSION_TOKEN"]
+    client = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        client["region_name"] = region
+    if client:
+        options["client_kwargs"] = client
+    return options
 
 
 def version_of(info: Dict[str, Any]) -> str:
