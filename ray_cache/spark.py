@@ -52,8 +52,27 @@ def register(spark: Any) -> None:
     Filter pushdown is used if ``spark.sql.python.filterPushdown.enabled`` is on now (a
     reader that offers pushdown fails in Spark when the setting is off).
     """
+    import ray
+
+    from ray_cache import api
+
     enabled = str(spark.conf.get("spark.sql.python.filterPushdown.enabled", "false")).lower() == "true"
-    spark.dataSource.register(RayCacheFilteringSource if enabled else RayCacheSource)
+    api._workers()  # this driver's Ray (started if there is none) and its cache workers
+    base = RayCacheFilteringSource if enabled else RayCacheSource
+    # Spark builds the source in its Python workers, which must join this driver's Ray
+    # cluster, not whichever one they would find: the address travels with the class.
+    source = type(base.__name__, (base,), {"ray_address": ray.get_runtime_context().gcs_address})
+    spark.dataSource.register(source)
+
+
+def _join(address: Optional[str]) -> None:
+    """Join the driver's Ray cluster (a Spark Python worker has none of its own)."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized() and address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, ignore_reinit_error=True)
 
 
 @dataclass
@@ -82,7 +101,7 @@ def _options(options: Dict[str, str]) -> Tuple[List[str], Optional[List[str]], D
     return paths, columns, storage
 
 
-def _plan(options: Dict[str, str]) -> _Plan:
+def _plan(options: Dict[str, str], address: Optional[str]) -> _Plan:
     import ray
 
     from ray_cache import api
@@ -93,6 +112,7 @@ def _plan(options: Dict[str, str]) -> _Plan:
     from pyspark.sql.types import StructField, StructType
 
     paths, columns, storage = _options(options)
+    _join(address)
     fs, stripped = underfs.resolve_filesystem(paths, None, storage or None)
     extensions = check_extensions(None)
     objects = access.list_readable(fs, stripped, keep=lambda objs: [
@@ -147,13 +167,16 @@ def _sparkable(f: pa.Field) -> pa.Field:
 class RayCacheSource(DataSource):
     """The ``ray_cache`` format (see the module docstring)."""
 
+    #: The driver's Ray cluster (set by :func:`register`).
+    ray_address: Optional[str] = None
+
     @classmethod
     def name(cls) -> str:
         return NAME
 
     def _planned(self) -> _Plan:
         if getattr(self, "_cached_plan", None) is None:
-            self._cached_plan = _plan(dict(self.options))
+            self._cached_plan = _plan(dict(self.options), self.ray_address)
         return self._cached_plan
 
     def schema(self) -> Any:
@@ -164,6 +187,7 @@ class RayCacheSource(DataSource):
 
     def writer(self, schema: Any, overwrite: bool) -> "_Writer":
         paths, _columns, storage = _options(dict(self.options))
+        _join(self.ray_address)
         return _Writer(paths[0], storage, overwrite)
 
 
@@ -305,9 +329,8 @@ class _Writer(DataSourceArrowWriter):
         self.fs = CacheFileSystem(fs=target, skip_instance_cache=True)
         self.job = uuid.uuid4().hex[:12]
         self.overwrite = overwrite
-        if not ray.is_initialized():
-            from ray_cache import api
-            api._workers()
+        if not ray.is_initialized():  # not joined: nothing to write through to
+            raise RuntimeError("ray_cache: register the data source with ray_cache.spark.register(spark)")
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> _Written:
         import pyarrow.parquet as pq
