@@ -188,7 +188,10 @@ class WritingFile(io.IOBase):
         return self._done
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_f"], name)
+        f = self.__dict__.get("_f")
+        if f is None:
+            raise AttributeError(name)
+        return getattr(f, name)
 
     def write(self, data: Any) -> int:
         n = self._f.write(data)
