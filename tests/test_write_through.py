@@ -262,3 +262,44 @@ def test_a_hand_over_whose_bytes_never_come_is_fetched_by_the_reader_waiting_on_
         pool.shutdown()
         lc.flush()
         lc.disk.close()
+
+
+@pytest.mark.slow
+def test_a_safetensors_checkpoint_loads_on_every_node_reading_the_store_once_in_big_ranges(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    """A rollout: tasks pinned to each GPU node load one cold checkpoint into torch tensors
+    at once; every page is fetched once (by its owner), in ranges of whole pages."""
+    import torch
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from safetensors.torch import save
+
+    fresh_cache(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(512, 1024 + i, generator=g) for i in range(10)}
+    blob = save(tensors)  # ~21 MB
+    path = f"{prefix}/model.safetensors"
+    s3fs_direct.pipe_file(path, blob)  # written around the cache: cold
+    rfs = _rfs(s3fs_proxied)
+
+    def loader(node):
+        @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        def load(fs):
+            from safetensors.torch import load as load_bytes
+
+            return load_bytes(fs.cat_file(path)), ray.get_runtime_context().get_node_id()
+        return load
+
+    nodes = sorted(gpu_node_ids())
+    proxy.reset()
+    loaded = ray.get([loader(n).remote(rfs) for n in nodes], timeout=300)
+    assert [node for _t, node in loaded] == nodes
+    for got, _node in loaded:
+        assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    gets = data_gets(proxy)
+    fetched = sum(r["response_body_bytes"] for r in gets)
+    assert fetched <= 1.05 * len(blob), f"{len(nodes)} nodes at once: the store served {fetched / len(blob):.2f}x"
+    assert fetched / len(gets) >= PAGE_SIZE / 2, f"{len(gets)} GETs: ranges of pages, not of page faults"
+    proxy.reset()
+    again = ray.get([loader(n).remote(rfs) for n in nodes], timeout=300)
+    assert all(torch.equal(t["layer3.weight"], tensors["layer3.weight"]) for t, _n in again)
+    assert data_gets(proxy) == [], "the next rollout reads no byte from the store"
