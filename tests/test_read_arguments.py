@@ -155,7 +155,8 @@ SCHEMAS = {
 def test_a_given_schema_reads_as_rays(cache, s3fs_direct, s3fs_proxied, trees, case):
     schema = pa.schema(SCHEMAS[case])
     fss = {"proxied": s3fs_proxied, "direct": s3fs_direct, None: None}
-    for url, ours_fs, anchor_fs in trees:
+    # Schema handling does not depend on the store: local files are read for one case only.
+    for url, ours_fs, anchor_fs in (trees if case == "cast" else trees[1:]):
         want = _ray(url, fss[anchor_fs], schema=schema).materialize()
         for _ in ("cold", "warm"):
             got = ray_cache.read_parquet(url, filesystem=fss[ours_fs], schema=schema)
