@@ -57,6 +57,8 @@ log = logging.getLogger("ray_cache.files.write")
 
 #: Bytes of one file kept for write-through, at most (its leading pages).
 SPOOL_BYTES = 2 * 1024**3
+#: Writes queued for the spool's thread, at most (a writer waits beyond that).
+SPOOL_QUEUE = 8
 #: Bytes per chunk when ``put_file`` copies a local file.
 COPY_CHUNK = 8 * 1024**2
 
@@ -82,18 +84,28 @@ class PageSpool:
         self.refs: List[ray.ObjectRef] = []
         self.failed: Optional[BaseException] = None
         self._page = bytearray()  # grows to one page (a small file never allocates a whole one)
-        self._queue: "queue.SimpleQueue[Optional[bytes]]" = queue.SimpleQueue()
+        # Bounded: a writer faster than the object store waits for it rather than holding
+        # its bytes twice (and gives up on write-through if it waits too long).
+        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=SPOOL_QUEUE)
         self._thread: Optional[threading.Thread] = None
 
     def add(self, data: Any) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ray-cache-spool", daemon=True)
             self._thread.start()
-        self._queue.put(data if isinstance(data, bytes) else bytes(data))
+        if self.failed is not None:
+            return
+        try:
+            self._queue.put(data if isinstance(data, bytes) else bytes(data), timeout=WORKER_TIMEOUT_S)
+        except queue.Full:
+            self.failed = TimeoutError("the object store took no page in time")
 
     def finish(self, timeout: float = WORKER_TIMEOUT_S) -> Optional[List[ray.ObjectRef]]:
         if self._thread is not None:
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                self.failed = self.failed or TimeoutError("pages not put in time")
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self.failed = TimeoutError("pages not put in time")
@@ -105,10 +117,21 @@ class PageSpool:
         """Stop; nothing will be handed over."""
         self.failed = self.failed or RuntimeError("dropped")
         if self._thread is not None:
-            self._queue.put(None)
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass  # the thread sees failed and stops at its next look
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
+        while True:
+            try:
+                data = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if self.failed is not None:
+                    return
+                continue
+            if data is None:
+                return
             if self.failed is not None:
                 continue
             try:
