@@ -17,7 +17,7 @@ What is kept, and what is not:
 - Only what this process wrote, under the version the store proves is it. A version that
   cannot be proven (another writer replaced the object first, an ETag that is not an MD5)
   keeps nothing: the write succeeded, reads fetch it.
-- The first :data:`SPOOL_BYTES` of a file (pages are independent entries: a larger file
+- The first :data:`~ray_cache.files.spool.SPOOL_BYTES` of a file (pages are independent entries: a larger file
   has its leading pages cached, the rest is fetched on first read).
 - Not appends (``"ab"``), files in an fsspec transaction (``autocommit=False``), copies,
   moves, or writes from a process that cannot use Ray (a forked ``DataLoader`` child):
@@ -36,16 +36,14 @@ from __future__ import annotations
 import io
 import logging
 import os
-import queue
-import threading
 from typing import Any, List, Optional, Sequence
 
-import numpy as np
 import ray
 
 from ray_cache.cluster import forks
 from ray_cache.cluster.routing import WORKER_GONE
 from ray_cache.files import handover
+from ray_cache.files.spool import PageSpool
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.node.uploads import start_time
@@ -55,101 +53,8 @@ from ray_cache.store.written import WriteProof, proven_version
 
 log = logging.getLogger("ray_cache.files.write")
 
-#: Bytes of one file kept for write-through, at most (its leading pages).
-SPOOL_BYTES = 2 * 1024**3
-#: Writes queued for the spool's thread, at most (a writer waits beyond that).
-SPOOL_QUEUE = 8
 #: Bytes per chunk when ``put_file`` copies a local file.
 COPY_CHUNK = 8 * 1024**2
-
-
-class PageSpool:
-    """The pages of a file being written, each put in this process's object store as it
-    fills (owned by this process: freed with it, if it dies).
-
-    The copying runs on a thread of its own, so it overlaps the upload: :meth:`add` only
-    queues (copying a buffer the caller may reuse), :meth:`finish` waits and returns the
-    pages' refs, or None if any page could not be put (the object store is full: the file
-    is then not cached, its write is unaffected).
-
-    >>> import ray; _ = ray.init(address="local", num_cpus=1, include_dashboard=False)  # doctest: +SKIP
-    >>> s = PageSpool(4); s.add(b"abcdefghij")  # doctest: +SKIP
-    >>> [bytes(ray.get(r)) for r in s.finish()]  # doctest: +SKIP
-    [b'abcd', b'efgh', b'ij']
-    """
-
-    def __init__(self, page_size: int, limit: int = SPOOL_BYTES) -> None:
-        self.page_size = page_size
-        self.pages_max = max(0, limit // page_size)
-        self.refs: List[ray.ObjectRef] = []
-        self.failed: Optional[BaseException] = None
-        self._page = bytearray()  # grows to one page (a small file never allocates a whole one)
-        # Bounded: a writer faster than the object store waits for it rather than holding
-        # its bytes twice (and gives up on write-through if it waits too long).
-        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=SPOOL_QUEUE)
-        self._thread: Optional[threading.Thread] = None
-
-    def add(self, data: Any) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ray-cache-spool", daemon=True)
-            self._thread.start()
-        if self.failed is not None:
-            return
-        try:
-            self._queue.put(data if isinstance(data, bytes) else bytes(data), timeout=WORKER_TIMEOUT_S)
-        except queue.Full:
-            self.failed = TimeoutError("the object store took no page in time")
-
-    def finish(self, timeout: float = WORKER_TIMEOUT_S) -> Optional[List[ray.ObjectRef]]:
-        if self._thread is not None:
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                self.failed = self.failed or TimeoutError("pages not put in time")
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self.failed = TimeoutError("pages not put in time")
-        if self.failed is None and self._page and len(self.refs) < self.pages_max:
-            self._seal()
-        return None if self.failed is not None else self.refs
-
-    def drop(self) -> None:
-        """Stop; nothing will be handed over."""
-        self.failed = self.failed or RuntimeError("dropped")
-        if self._thread is not None:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                pass  # the thread sees failed and stops at its next look
-
-    def _run(self) -> None:
-        while True:
-            try:
-                data = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if self.failed is not None:
-                    return
-                continue
-            if data is None:
-                return
-            if self.failed is not None:
-                continue
-            try:
-                self._cut(memoryview(data).cast("B"))
-            except BaseException as exc:  # noqa: BLE001 - reported by finish()
-                self.failed = exc
-
-    def _cut(self, view: memoryview) -> None:
-        while view.nbytes and len(self.refs) < self.pages_max:
-            take = min(self.page_size - len(self._page), view.nbytes)
-            self._page += view[:take]
-            view = view[take:]
-            if len(self._page) == self.page_size:
-                self._seal()
-
-    def _seal(self) -> None:
-        self.refs.append(ray.put(np.frombuffer(self._page, dtype=np.uint8)))
-        self._page = bytearray()
 
 
 class WritingFile(io.IOBase):
