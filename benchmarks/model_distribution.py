@@ -123,43 +123,49 @@ def all_at_once(nodes: Sequence[str], read: Callable[..., Any], *args: Any,
     return records, time.perf_counter() - t0
 
 
-def read_direct(url: str, options: Dict[str, Any]) -> Dict[str, Any]:
+def store_fs(options: Dict[str, Any]) -> Any:
+    """s3fs to the store through the proxy (a new instance: no cached listings)."""
     import s3fs
+
+    return s3fs.S3FileSystem(**options, skip_instance_cache=True)
+
+
+def cache_fs(options: Dict[str, Any]) -> Any:
+    """The ``raycache`` filesystem over the same store."""
+    import fsspec
+
+    return fsspec.filesystem("raycache", target_protocol="s3", target_options=options)
+
+
+def tensor_bytes(blob: bytes) -> Dict[str, Any]:
+    """Build the checkpoint's torch tensors; their total size."""
     from safetensors.torch import load
 
-    blob = s3fs.S3FileSystem(**options, skip_instance_cache=True).cat_file(url)
     return {"bytes": sum(t.nbytes for t in load(blob).values())}
 
 
+def read_direct(url: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    return tensor_bytes(store_fs(options).cat_file(url))
+
+
 def read_cached(url: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    import fsspec
-    from safetensors.torch import load
-
-    fs = fsspec.filesystem("raycache", target_protocol="s3", target_options=options)
-    return {"bytes": sum(t.nbytes for t in load(fs.cat_file(url)).values())}
-
-
-def fetch_once(url: str, options: Dict[str, Any]) -> np.ndarray:
-    """The checkpoint's bytes read once from the store, as an array for the object store."""
-    import s3fs
-
-    return np.frombuffer(s3fs.S3FileSystem(**options, skip_instance_cache=True).cat_file(url), dtype=np.uint8)
+    return tensor_bytes(cache_fs(options).cat_file(url))
 
 
 def read_bytes(url: str, options: Dict[str, Any]) -> Dict[str, Any]:
     """The whole file through ``raycache``, as bytes (no torch: many of these share a node)."""
-    import fsspec
+    return {"bytes": len(cache_fs(options).cat_file(url))}
 
-    fs = fsspec.filesystem("raycache", target_protocol="s3", target_options=options)
-    return {"bytes": len(fs.cat_file(url))}
+
+def fetch_once(url: str, options: Dict[str, Any]) -> np.ndarray:
+    """The checkpoint's bytes read once from the store, as an array for the object store."""
+    return np.frombuffer(store_fs(options).cat_file(url), dtype=np.uint8)
 
 
 def read_ref(holder: List[Any]) -> Dict[str, Any]:
     import ray
-    from safetensors.torch import load
 
-    blob = ray.get(holder[0])
-    return {"bytes": sum(t.nbytes for t in load(blob.tobytes()).values())}
+    return tensor_bytes(ray.get(holder[0]).tobytes())
 
 
 def row(way: str, n: int, records: List[Dict[str, Any]], wall: float, store: Any,
@@ -171,9 +177,10 @@ def row(way: str, n: int, records: List[Dict[str, Any]], wall: float, store: Any
     bad = [r for r in records if r["bytes"] <= 0]
     if bad:
         raise RuntimeError(f"{way}: {len(bad)} loads returned no tensors")
+    sent = sum(int(g["response_body_bytes"]) for g in gets)
     return {"way": way, "nodes": n, "p50_s": pct(times, 50), "p95_s": pct(times, 95),
-            "max_s": max(times), "wall_s": wall, "store_bytes": sum(int(g["response_body_bytes"]) for g in gets),
-            "store_x": sum(int(g["response_body_bytes"]) for g in gets) / size, "gets": len(gets)}
+            "max_s": max(times), "wall_s": wall, "store_bytes": sent, "store_x": sent / size,
+            "gets": len(gets)}
 
 
 def markdown(rows: List[Dict[str, Any]], conc: Dict[str, Any], info: Dict[str, Any]) -> str:
@@ -282,7 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "platform": f"{platform.system()} {platform.machine()}", "ray": ray.__version__}
     print(markdown(rows, conc, info))
     one = next(r for r in rows if r["way"] == "s3fs direct" and r["nodes"] == counts[0])
-    print(f"\none node reading directly used {size / one['max_s'] / 1e6 / args.link_mb_s:.0%} of the link")
+    print(f"\n{counts[0]} node(s) reading directly used "
+          f"{counts[0] * size / one['wall_s'] / 1e6 / args.link_mb_s:.0%} of the link")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows, "concurrent": conc}, f, indent=2)
