@@ -1,4 +1,4 @@
-"""Ray Train ingestion through the cache: TorchTrainer, two CPU workers, three epochs.
+"""Ray Train ingestion through the cache: TorchTrainer, two CPU workers, two epochs.
 
 The trainer gets a ``ray_cache.read_parquet`` dataset planned on a cold cache. Each
 worker iterates its shard every epoch with a local shuffle buffer, and a second dataset
@@ -23,7 +23,7 @@ from conftest import BUCKET, data_gets, write_dataset
 
 pytest.importorskip("torch")
 
-FILES, ROWS, EPOCHS = 4, 1_000, 3
+FILES, ROWS, EPOCHS = 4, 1_000, 2
 
 
 def make_train_loop():
@@ -113,7 +113,7 @@ def test_torch_trainer_epochs_read_every_row_once_and_only_the_first_touches_the
 
     gets = [json.loads((out / f"gets-e{epoch}.json").read_text()) for epoch in range(EPOCHS)]
     assert FILES <= gets[0] <= 2 * FILES, f"the first epoch fetches each unit once: {gets[0]} GETs"
-    assert gets[1] == gets[0] and gets[2] == gets[0], (
+    assert all(g == gets[0] for g in gets[1:]), (
         f"data GETs at the store after each epoch: {gets}; later epochs must add none")
     assert gets[-1] == len(data_gets(proxy))
     assert ray_cache.stats()["hits"] > 0
