@@ -15,7 +15,6 @@ from ray_cache.api import (
     invalidate,
     load,
     pin,
-    read_parquet,
     shutdown,
     start,
     stats,
@@ -23,6 +22,7 @@ from ray_cache.api import (
     unpin,
 )
 from ray_cache.cluster.forks import RayForkedError
+from ray_cache.reading import read_parquet
 from ray_cache.files.snapshot import SnapshotFileSystem, snapshot
 from ray_cache.folder import ImageFolder
 from ray_cache.store.errors import CacheError, NotParquetError, ObjectChangedError, PinCapacityError

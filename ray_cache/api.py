@@ -15,9 +15,8 @@ import pyarrow as pa
 import ray
 
 from ray_cache.cluster import membership
-from ray_cache.cluster.membership import ensure_ray as _ensure_ray, workers as _workers
-from ray_cache.store import access, underfs
-from ray_cache.store.keys import StoreObject
+from ray_cache.cluster.membership import ensure_ray as _ensure_ray
+from ray_cache.store import underfs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray_cache.steering.ops import LoadJob, LoadReport
@@ -105,129 +104,6 @@ def _forget_workers() -> None:
     from ray_cache.files import pages
 
     pages.reader().forget_workers()
-
-
-def read_parquet(
-    paths: PathArg,
-    *,
-    columns: Optional[Sequence[str]] = None,
-    filesystem: Any = None,
-    storage_options: Optional[Dict[str, Any]] = None,
-    override_num_blocks: Optional[int] = None,
-    zero_copy: Union[bool, str] = "auto",
-    partitioning: Any = "hive",
-    include_paths: bool = False,
-    file_extensions: Optional[Sequence[str]] = ("parquet",),
-    partition_filter: Any = None,
-    shuffle: Any = None,
-    schema: Any = None,
-    **kwargs: Any,
-) -> "ray.data.Dataset":
-    """Read Parquet through the cache: the first read fills it, later reads come from it.
-
-    Parameters
-    ----------
-    paths : str or list of str
-        A file, a list of files, a directory or prefix, or a glob; local paths,
-        ``file://``, ``s3://``, ``gs://``, ``abfs://`` and whatever fsspec reaches.
-    columns : list of str, optional
-        Read and cache only these columns.
-    filesystem : fsspec or pyarrow filesystem, optional
-        Filesystem to read with, e.g. ``s3fs.S3FileSystem(...)``.
-    storage_options : dict, optional
-        fsspec options used when ``filesystem`` is None.
-    override_num_blocks : int, optional
-        Number of read tasks (default: Ray Data's choice, at most one per cache unit).
-    zero_copy : bool or "auto"
-        When every unit is already in memory, return a materialized dataset instead of
-        read tasks. ``True``: over the cached objects themselves (no copy; see
-        :mod:`ray_cache.readers.fastpath` for the trade-off). ``"auto"`` (default): that
-        when every worker of the read runs on this driver's node (a node loss there ends
-        the driver anyway); otherwise over copies made on each worker's node, owned by
-        this driver, which survive a worker's death and are re-made if a node is lost,
-        taken only when they fit in the object stores
-        (:mod:`ray_cache.readers.nodecopies`). ``False`` always plans read tasks.
-    partitioning : ``ray.data.datasource.Partitioning("hive")``, ``"hive"`` or None
-        As Ray's default: ``key=value`` folders in a file's path become string columns
-        after the file's own (``columns`` may name them). None: no partition columns.
-    include_paths : bool
-        As Ray's: a string column ``path`` (the object's path, as the filesystem names it)
-        after the others. Read with read tasks (the column is added as rows are read).
-    file_extensions : list of str, optional
-        As Ray's: read only files ending with one of these (with or without the dot, any
-        case); default, None or empty: ``["parquet"]`` (Ray 2.60 reads only those too).
-    partition_filter : ``ray.data.datasource.PathPartitionFilter``, optional
-        As Ray's: called with the listed paths, reads those it returns.
-    shuffle : ``"files"`` or ``ray.data.FileShuffleConfig``, optional
-        As Ray's: files are read in a random order, a new one each time the dataset is
-        executed (a config's ``seed`` fixes it, per execution unless
-        ``reseed_after_execution=False``). Read with read tasks.
-    schema : ``pyarrow.Schema``, optional
-        As Ray's: the dataset has exactly this schema (columns cast to its types, missing
-        ones as nulls, others not read), then any partition columns and ``path``.
-    **kwargs
-        Ray's scheduling arguments (``num_cpus``, ``concurrency``, ``ray_remote_args``, ...),
-        passed on to ``ray.data.read_datasource``. Ray's other ``read_parquet`` arguments
-        that ray_cache does not implement yet raise ``ValueError`` unless given the value
-        that means what ray_cache does; unknown ones (``filter=`` included) raise
-        ``TypeError``: never silently ignored (:mod:`ray_cache.readers.arguments`).
-
-    Returns
-    -------
-    ray.data.Dataset
-        Rows and schema equal to what pyarrow reads from the same files; the dataset is
-        a snapshot of the objects' versions at this call.
-
-    Examples
-    --------
-    >>> import ray_cache
-    >>> ds = ray_cache.read_parquet("s3://bucket/train/", columns=["x", "y"])  # doctest: +SKIP
-    >>> ds.count()  # doctest: +SKIP
-    1000000
-    """
-    from ray_cache.readers.arguments import (check_partitioning, check_read_args, check_shuffle,
-                                             check_extensions, select_files)
-
-    kwargs = check_read_args(kwargs)  # before any listing: refused, never ignored
-    partitioning = check_partitioning(partitioning)
-    shuffle = check_shuffle(shuffle)
-    if schema is not None and not isinstance(schema, pa.Schema):
-        raise ValueError(f"schema must be a pyarrow.Schema, got {type(schema).__name__}")
-    if zero_copy not in (True, False, "auto"):
-        raise ValueError(f"zero_copy must be True, False or 'auto', got {zero_copy!r}")
-    if columns is not None:
-        if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
-            raise ValueError(f"columns must be a list of column names, got {columns!r}")
-    if not isinstance(include_paths, bool):
-        raise ValueError(f"include_paths must be True or False, got {include_paths!r}")
-    extensions = check_extensions(file_extensions)  # before any listing
-    fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
-
-    def chosen(objects: List[StoreObject]) -> List[StoreObject]:
-        keep = set(select_files([o.path for o in objects], partition_filter, extensions, stripped))
-        return [o for o in objects if o.path in keep]
-
-    objects = access.list_readable(fs, stripped, keep=chosen)  # rights proven for those kept
-    workers = _workers()
-    from ray_cache.readers import fastpath, nodecopies
-    from ray_cache.readers.datasource import CachedParquetDatasource  # imports Ray Data: only when reading
-
-    source = CachedParquetDatasource(fs, objects, workers, columns=columns, partitioning=partitioning,
-                                     include_paths=include_paths, shuffle=shuffle, user_schema=schema)
-    warm = None
-    if zero_copy is not False and not kwargs and override_num_blocks is None and source.uniform_schema \
-            and not include_paths and shuffle is None:
-        here = ray.get_runtime_context().get_node_id()
-        if zero_copy is True or all(w.node_id == here for w in workers):
-            warm = fastpath.try_zero_copy(source.requests, workers)
-        else:
-            warm = nodecopies.plan(fs, source.requests, workers)
-    if warm is not None:
-        return warm
-    # One read task per unit by default: asking Ray Data for more blocks than tasks makes
-    # it split every block (a copy) after the read.
-    blocks = override_num_blocks or max(1, source.num_units)
-    return ray.data.read_datasource(source, override_num_blocks=blocks, **kwargs)
 
 
 def stats() -> Dict[str, int]:

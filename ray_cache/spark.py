@@ -54,10 +54,10 @@ def register(spark: Any) -> None:
     """
     import ray
 
-    from ray_cache import api
+    from ray_cache.cluster import membership
 
     enabled = str(spark.conf.get("spark.sql.python.filterPushdown.enabled", "false")).lower() == "true"
-    api._workers()  # this driver's Ray (started if there is none) and its cache workers
+    membership.workers()  # this driver's Ray (started if there is none) and its cache workers
     base = RayCacheFilteringSource if enabled else RayCacheSource
     # Spark builds the source in its Python workers, which must join this driver's Ray
     # cluster, not whichever one they would find: the address travels with the class.
@@ -104,7 +104,7 @@ def _options(options: Dict[str, str]) -> Tuple[List[str], Optional[List[str]], D
 def _plan(options: Dict[str, str], address: Optional[str]) -> _Plan:
     import ray
 
-    from ray_cache import api
+    from ray_cache.cluster import membership
     from ray_cache.readers.arguments import check_extensions, select_files
     from ray_cache.readers.datasource import CachedParquetDatasource
     from ray_cache.store import access, underfs
@@ -117,7 +117,7 @@ def _plan(options: Dict[str, str], address: Optional[str]) -> _Plan:
     extensions = check_extensions(None)
     objects = access.list_readable(fs, stripped, keep=lambda objs: [
         o for o in objs if o.path in set(select_files([x.path for x in objs], None, extensions, stripped))])
-    workers = api._workers()
+    workers = membership.workers()
     source = CachedParquetDatasource(fs, objects, workers, columns=columns)
     arrow = source.schema
     hive = {k for u in source.requests for k, _ in u.partitions}

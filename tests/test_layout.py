@@ -1,7 +1,7 @@
 """The package's layers, read from its imports with ``ast``: no cycle, nothing imports upward.
 
 Layers, top to bottom (docs/architecture.md draws them): the faces (``ray_cache``,
-``api``, ``cli``, ``display``, ``demo`` and the public re-exports ``fs``, ``train``), then
+``api``, ``reading``, ``cli``, ``display``, ``demo`` and the public re-exports ``fs``, ``train``), then
 ``steering``, then ``readers`` and ``files`` (side by side: neither imports the other),
 then ``cluster``, ``node``, ``store`` and ``config``. ``testing`` (the loopback servers) imports
 nothing of the package but itself and is imported only by the faces (the demo) and tests.
@@ -17,7 +17,7 @@ from typing import Dict, List, Set, Tuple
 import ray_cache
 
 PKG = pathlib.Path(ray_cache.__file__).parent
-FACES = {"ray_cache", "api", "cli", "display", "demo", "fs", "train", "folder", "spark"}
+FACES = {"ray_cache", "api", "reading", "cli", "display", "demo", "fs", "train", "folder", "spark"}
 RANK = {"faces": 6, "steering": 5, "readers": 4, "files": 4, "cluster": 3, "node": 2, "store": 1,
         "config": 0}
 

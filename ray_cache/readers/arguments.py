@@ -13,7 +13,7 @@ never silently ignored (a dropped ``filter=`` returns every row). Three kinds:
 
 Examples
 --------
->>> check_read_args({"num_cpus": 0.5, "include_row_hash": False})
+>>> check_read_args({"num_cpus": 0.5, "meta_provider": None})
 {'num_cpus': 0.5}
 >>> check_read_args({"colums": ["x"]})
 Traceback (most recent call last):
@@ -23,7 +23,7 @@ TypeError: ray_cache.read_parquet() got an unexpected keyword argument 'colums' 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
 #: Passed to ``ray.data.read_datasource`` as they are.
 PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", "fallback_strategy",
@@ -31,31 +31,35 @@ PASSED_ON = ("num_cpus", "num_gpus", "memory", "concurrency", "label_selector", 
 
 #: Ray's arguments not implemented here yet -> the value that means what ray_cache does.
 NOT_YET: Dict[str, Any] = {
-    "include_row_hash": False,
-    "ignore_missing_paths": False,
-    "skip_paths": None,
-    "tensor_column_schema": None,
-    "catalog": None,
-    "meta_provider": None,
-    "parallelism": -1,
+    "meta_provider": None,  # gone from Ray 2.60's signature; still refused by name
 }
 
 
-def check_partitioning(value: Any) -> Optional[str]:
-    """``"hive"`` (Ray's default: ``Partitioning("hive")``) or None (no partition columns);
-    other partitioning schemes raise ``ValueError`` saying what is allowed.
+def check_partitioning(value: Any) -> Any:
+    """``"hive"`` (Ray's default ``Partitioning("hive")``: string columns, read by our own
+    parser), None (no partition columns), or any other ``ray.data.datasource.Partitioning``
+    (``field_types``, ``base_dir``, ``field_names``, the ``"dir"`` style: parsed by Ray's
+    own ``PathPartitionParser``); anything else raises ``ValueError`` saying what is allowed.
 
     >>> check_partitioning(None) is None, check_partitioning("hive")
     (True, 'hive')
+    >>> from ray.data.datasource import Partitioning
+    >>> check_partitioning(Partitioning("hive"))
+    'hive'
+    >>> check_partitioning(Partitioning("hive", field_types={"year": int})).field_types
+    {'year': <class 'int'>}
     """
     if value is None or value == "hive":
         return value
-    style = getattr(value, "style", None)
-    if getattr(style, "value", style) == "hive" and not getattr(value, "base_dir", None) \
-            and not getattr(value, "field_names", None) and not getattr(value, "field_types", None):
+    from ray.data.datasource import Partitioning
+
+    if not isinstance(value, Partitioning):
+        raise ValueError(f"partitioning must be a ray.data.datasource.Partitioning, 'hive' or None, "
+                         f"not {value!r}")
+    style = getattr(value.style, "value", value.style)
+    if style == "hive" and not value.base_dir and not value.field_names and not value.field_types:
         return "hive"
-    raise ValueError(f"ray_cache.read_parquet supports partitioning=Partitioning('hive') (the default, "
-                     f"partition columns as strings) or None, not {value!r} yet")
+    return value
 
 
 def check_extensions(value: Optional[Sequence[str]]) -> List[str]:
@@ -95,6 +99,22 @@ def select_files(paths: List[str], partition_filter: Any, file_extensions: Seque
         raise ValueError(f"no files found under {asked!r}. Check the path and any configured "
                          "`partition_filter` or `file_extensions` filters.")
     return paths
+
+
+def check_skip_paths(fs: Any, value: Any) -> FrozenSet[str]:
+    """Ray's ``skip_paths`` (a path or a list of them) as the filesystem names them, or
+    ``ValueError`` saying what is allowed.
+
+    >>> import fsspec
+    >>> sorted(check_skip_paths(fsspec.filesystem("file"), ["/d/a.parquet", "file:///d/b/"]))
+    ['/d/a.parquet', '/d/b']
+    """
+    if value is None:
+        return frozenset()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in items):
+        raise ValueError(f"skip_paths must be a path or a list of paths, got {value!r}")
+    return frozenset(fs._strip_protocol(p).rstrip("/") for p in items)
 
 
 def check_shuffle(value: Any) -> Any:

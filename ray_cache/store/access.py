@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from ray_cache.store import underfs
 from ray_cache.store.errors import raise_translated
@@ -116,11 +116,12 @@ RIGHTS = ReadRights()
 
 
 def list_readable(fs: Any, paths: Iterable[str], suffixes: Tuple[str, ...] = (),
-                  keep: Optional[Callable[[List[StoreObject]], List[StoreObject]]] = None) -> List[StoreObject]:
+                  keep: Optional[Callable[[List[StoreObject]], List[StoreObject]]] = None,
+                  missing_ok: bool = False, skip: FrozenSet[str] = frozenset()) -> List[StoreObject]:
     """:func:`ray_cache.store.underfs.list_objects`, narrowed by ``keep``, each object then
     proven readable with ``fs`` (:data:`RIGHTS`): what every reader plans from."""
     headed: List[str] = []
-    objects = underfs.list_objects(fs, paths, suffixes, headed=headed)
+    objects = underfs.list_objects(fs, paths, suffixes, headed=headed, missing_ok=missing_ok, skip=skip)
     RIGHTS.note_head(fs, headed)
     if keep is not None:
         objects = keep(objects)

@@ -30,7 +30,7 @@ class UnitRequest:
     #: The file's columns to decode (None: all).
     columns: Optional[Tuple[str, ...]]
     #: Hive partition columns appended after decoding, then ordered as ``key.columns``.
-    partitions: Tuple[Tuple[str, str], ...] = ()
+    partitions: Tuple[Tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,19 +145,21 @@ def decode(req: UnitRequest, meta: pq.FileMetaData, segments: Dict[int, Any]) ->
 
 
 def unit_requests(obj: StoreObject, footer: bytes, meta: pq.FileMetaData,
-                  parts: Tuple[Tuple[str, str], ...] = (), key_columns: Optional[Tuple[str, ...]] = None,
+                  parts: Tuple[Tuple[str, ...], ...] = (), key_columns: Optional[Tuple[str, ...]] = None,
                   columns: Optional[Tuple[str, ...]] = None, unit_bytes: int = UNIT_TARGET_BYTES,
-                  ) -> List[UnitRequest]:
+                  units: Optional[Sequence[parquet.Unit]] = None) -> List[UnitRequest]:
     """The units of one object as ``read_parquet`` asks for them: the one place their keys
     are made (a reader's plan and a writer's hand-over must agree on them).
 
     ``parts``: hive partition columns appended after decoding; ``key_columns``: the columns
-    asked for, in order (None: all); ``columns``: the file's own columns among them.
+    asked for, in order (None: all); ``columns``: the file's own columns among them;
+    ``units``: those to ask for (default: :func:`ray_cache.store.parquet.plan_units`).
     """
-    kind = "rg" if not parts else "rg+hive:" + "\x1f".join(k for k, _ in parts)
+    kind = "rg" if not parts else "rg+hive:" + "\x1f".join(
+        p[0] if len(p) == 2 else f"{p[0]}:{p[2]}" for p in parts)
     return [UnitRequest(EntryKey(obj.protocol, obj.path, obj.version, kind, u.start, u.stop, key_columns),
                         obj, footer, u, columns, parts)
-            for u in parquet.plan_units(meta, unit_bytes)]
+            for u in (parquet.plan_units(meta, unit_bytes) if units is None else units)]
 
 
 def default_partitions(obj: StoreObject, schema: pa.Schema) -> Tuple[Tuple[str, str], ...]:

@@ -216,19 +216,25 @@ def hive_partitions(path: str) -> Tuple[Tuple[str, str], ...]:
     return tuple((k, unquote(v)) for k, v in (d.split("=") for d in folders if d and d.count("=") == 1))
 
 
-def with_partitions(table: pa.Table, partitions: Sequence[Tuple[str, str]],
+def with_partitions(table: pa.Table, partitions: Sequence[Tuple[str, ...]],
                     columns: Optional[Sequence[str]]) -> pa.Table:
-    """``table`` with a string column for each partition appended (as Ray Data adds them),
-    then put in ``columns`` order when the caller named columns.
+    """``table`` with a column for each partition appended (as Ray Data adds them: strings,
+    or the type a ``(key, value, type)`` names), then put in ``columns`` order when the
+    caller named columns.
 
     >>> t = with_partitions(pa.table({"x": [1, 2]}), [("year", "2025")], None)
     >>> t.column_names, t["year"].to_pylist()
     (['x', 'year'], ['2025', '2025'])
     >>> with_partitions(pa.table({"x": [1]}), [("year", "2025")], ["year", "x"]).column_names
     ['year', 'x']
+    >>> with_partitions(pa.table({"x": [1]}), [("year", "2025", "int64")], None)["year"].type
+    DataType(int64)
     """
-    for key, value in partitions:
-        table = table.append_column(pa.field(key, pa.string()), pa.repeat(pa.scalar(value, pa.string()), table.num_rows))
+    for key, value, *typed in partitions:  # a third item: the type to cast to (Ray's field_types)
+        values = pa.repeat(pa.scalar(value, pa.string()), table.num_rows)
+        if typed and typed[0] != "string":
+            values = values.cast(pa.type_for_alias(typed[0]))
+        table = table.append_column(pa.field(key, values.type), values)
     return table.select(list(columns)) if columns is not None else table
 
 

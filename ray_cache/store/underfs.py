@@ -8,13 +8,13 @@ has passed through :func:`ray_cache.store.errors.translate`.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem, FSTimeoutError, sync
 from fsspec.core import split_protocol
 
-from ray_cache.store.errors import raise_translated
+from ray_cache.store.errors import raise_translated, translate
 from ray_cache.store.keys import StoreObject
 
 PathLike = Union[str, os.PathLike]
@@ -180,7 +180,7 @@ def refresh(fs: fsspec.AbstractFileSystem, path: Optional[str]) -> None:
 
 def list_objects(
     fs: fsspec.AbstractFileSystem, paths: Iterable[str], suffixes: Tuple[str, ...] = (),
-    headed: Optional[List[str]] = None,
+    headed: Optional[List[str]] = None, missing_ok: bool = False, skip: FrozenSet[str] = frozenset(),
 ) -> List[StoreObject]:
     """Expand files, directories (recursively) and globs into objects with versions.
 
@@ -190,10 +190,15 @@ def list_objects(
     ``FileNotFoundError`` naming it. A listing proves no right to read what it lists:
     readers go through :func:`ray_cache.store.access.list_readable`, which proves it;
     ``headed`` collects the paths that were HEADed here (a single file named), which are.
+    Ray's ``ignore_missing_paths`` (``missing_ok``): a path that names nothing is left out;
+    its ``skip_paths`` (``skip``, stripped paths): files equal to one, or under one, are left
+    out, existing or not.
     """
     protocol = protocol_of(fs)
     out: List[StoreObject] = []
     for path in paths:
+        if path.rstrip("/") in skip:
+            continue
         refresh(fs, path)
         try:
             if any(c in path for c in "*?["):
@@ -214,8 +219,14 @@ def list_objects(
                     if suffixes:
                         found = [i for i in found if i["name"].endswith(suffixes)] or found
         except Exception as exc:  # noqa: BLE001 - translated below
+            if missing_ok and isinstance(translate(exc, path), FileNotFoundError):
+                continue
             raise_translated(exc, path)
+        if skip:
+            found = [i for i in found if not _skipped(fs._strip_protocol(i["name"]), skip)]
         if not found:
+            if missing_ok or skip:
+                continue
             raise FileNotFoundError(2, "No such file, directory or glob match", path)
         out.extend(object_of(fs, info, protocol) for info in sorted(found, key=lambda i: i["name"]))
     return out
@@ -226,6 +237,11 @@ def object_of(fs: fsspec.AbstractFileSystem, info: Dict[str, Any], protocol: Opt
     """The object an ``info`` dict of ``fs`` describes (``path`` where it names none)."""
     name = fs._strip_protocol(info.get("name") or path)
     return StoreObject(protocol or protocol_of(fs), name, int(info.get("size") or 0), version_of(info))
+
+
+def _skipped(name: str, skip: FrozenSet[str]) -> bool:
+    """Whether ``name`` is one of ``skip`` or lies under one of them."""
+    return name in skip or any(name.startswith(p + "/") for p in skip)
 
 
 def _hidden(name: str, root: str) -> bool:
