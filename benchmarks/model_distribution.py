@@ -16,6 +16,8 @@ task pinned to each node: read the whole file, build torch tensors with
 - **s3fs direct**: each node reads the store with s3fs (``cat_file``).
 - **ray_cache cold**: fresh, empty cache; each node reads ``raycache::s3://...``.
 - **ray_cache warm**: the same again (the pages are now on their owners' nodes).
+- **ray_cache after load(replicas="all")**: ``ray_cache.load(url, replicas="all")`` copies
+  every page onto every cache node (timed apart), then every node reads it from its own disk.
 - **read once + ray.put/ray.get**: one task reads the store and ``ray.put``s the bytes,
   every node ``ray.get``s them (the Ray-native broadcast; Ray's object transfer fans out).
 
@@ -191,6 +193,10 @@ def markdown(rows: List[Dict[str, Any]], conc: Dict[str, Any], info: Dict[str, A
     for r in rows:
         out.append(f"| {r['way']} | {r['nodes']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
                    f"{r['max_s']:.2f} | {r['wall_s']:.2f} | {r['store_x']:.3f} | {r['gets']} |")
+    out += ["", "Placing the copies (`load(replicas='all')` after the warm row: the pages each node "
+            "does not own, from their owners' nodes): " + ", ".join(
+                f"{r['nodes']} node(s) {r['placed_s']:.2f} s for {r['replica_bytes'] / 1e6:.0f} MB"
+                for r in rows if "placed_s" in r) + "."]
     out += ["", f"{conc['readers']} concurrent readers of one {conc['mb']} MB file on one node "
             f"(cold): store bytes / size {conc['store_x']:.3f}, {conc['gets']} GETs, "
             f"p50 {conc['p50_s']:.2f} s, p99 {conc['p99_s']:.2f} s (p99/p50 {conc['p99_s'] / conc['p50_s']:.2f})"]
@@ -269,8 +275,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log(f"N={n}: {way} …")
                 store.proxy.reset()
                 rows.append(row(way, n, *all_at_once(ids, read_cached, url, options), store, size))
+            log(f"N={n}: load(replicas='all'), then every node reads …")
+            t0 = time.perf_counter()
+            placed = ray_cache.load(url, storage_options=options, replicas="all", progress=False)
+            place_s = time.perf_counter() - t0
+            store.proxy.reset()
+            rows.append(row("ray_cache after load(replicas='all')", n,
+                            *all_at_once(ids, read_cached, url, options), store, size))
+            rows[-1].update(placed_s=place_s, replica_bytes=placed.replica_bytes)
             log("  " + "; ".join(f"{r['way']}: max {r['max_s']:.2f} s, store {r['store_x']:.2f}x"
-                                 for r in rows[-4:]))
+                                 for r in rows[-5:]) + f"; placing the copies took {place_s:.2f} s")
 
         if args.json:
             with open(args.json, "w") as f:

@@ -176,6 +176,7 @@ def load(
     ttl: Optional[float] = None,
     background: bool = False,
     progress: Optional[bool] = None,
+    replicas: Union[None, int, str] = None,
 ) -> Union["LoadReport", "LoadJob"]:
     """Preload objects so that the first read afterwards sends no data request.
 
@@ -195,6 +196,12 @@ def load(
         ``progress``) instead of the report.
     progress : bool, optional
         Show a progress bar (default: when interactive).
+    replicas : None, int or "all"
+        Ahead of a rollout (a model every node loads at once): keep copies of each page
+        (non-Parquet objects) on this many cache nodes, its owner counted, or on every cache
+        node (``"all"``), so readers there map it from their own node's disk. The store is
+        read once either way; the copies come from the owners' nodes through Ray's object
+        transfer. Default: each page on its owner only.
 
     Returns
     -------
@@ -205,14 +212,19 @@ def load(
     >>> report = ray_cache.load("s3://bucket/train/", columns=["x", "y"])  # doctest: +SKIP
     >>> report.fetched, report.already_cached, report.failures  # doctest: +SKIP
     (32, 0, [])
+    >>> ray_cache.load("s3://bucket/models/llm-7b/", replicas="all").replicas  # doctest: +SKIP
+    3402
     """
     from ray_cache.steering import ops
 
     _check_ttl(ttl)
+    replicas = ops.check_replicas(replicas)
     p = ops.plan(paths, columns=columns, filesystem=filesystem, storage_options=storage_options)
 
     def work(cancel=None, on_progress=None) -> "LoadReport":
         report = ops.run_load(p, progress=progress, cancel=cancel, on_progress=on_progress)
+        if replicas not in (None, 1) and not report.cancelled:
+            ops.run_replicas(p, replicas, report, progress=progress, cancel=cancel)
         if ttl is not None:
             ray.get([p.workers[owner].handle.set_ttl.remote(digests, ttl)
                      for owner, digests in report.digests.items()], timeout=120)

@@ -115,5 +115,5 @@ COUNTERS = (
     "bytes_from_disk", "bytes_from_under_store", "requests_to_under_store",
     "single_flight_waits", "disk_write_errors", "errors", "fallbacks", "fallback_bytes",
     "bytes_served_local", "bytes_served_remote", "expired", "loaded_entries",
-    "written_entries", "uploads_aborted",
+    "written_entries", "uploads_aborted", "replica_entries",
 )

@@ -146,7 +146,8 @@ class PageReader:
         """This process's page counters.
 
         ``buffer_hits`` (pages served from this process's buffers), ``mapped_pages``
-        (mapped from this node's disk tier), ``worker_pages``/``worker_bytes`` (answered
+        (mapped from this node's disk tier; ``replica_pages`` of them copies a worker here
+        keeps of pages another owns, ``load(replicas=)``), ``worker_pages``/``worker_bytes`` (answered
         by workers through Ray), ``channel_pages``/``channel_bytes`` (answered by this
         node's workers through their channels, in a forked process without Ray),
         ``direct_pages``/``direct_bytes`` (read from the store here: a forked process on a
@@ -157,7 +158,7 @@ class PageReader:
         """
         with self._lock:
             out = dict(self._counters, buffer_hits=self._buffer_hits)
-        for name in ("buffer_hits", "mapped_pages", "worker_pages", "worker_bytes",
+        for name in ("buffer_hits", "mapped_pages", "replica_pages", "worker_pages", "worker_bytes",
                      "channel_pages", "channel_bytes", "direct_pages", "direct_bytes",
                      "fallback_pages"):
             out.setdefault(name, 0)
@@ -280,15 +281,14 @@ class PageReader:
         if layout is None or not layout.slots or not self.short_circuit:
             return None
         o = hashing.owner(req.key.digest, layout.names)
-        slot = layout.slots.get(o)
-        if slot is None:
-            return None
-        buf = map_page(slot, req.key.digest, req.end - req.start)
-        if buf is not None:
-            self.mapped.put(req.key.digest, None, buf)
-            self._count(mapped_pages=1)
-            self._touch(o, req.key.digest)
-        return buf
+        for i in sorted(layout.slots, key=lambda i: i != o):  # the owner, then copies here (replicas)
+            buf = map_page(layout.slots[i], req.key.digest, req.end - req.start)
+            if buf is not None:
+                self.mapped.put(req.key.digest, None, buf)
+                self._count(mapped_pages=1, **({} if i == o else {"replica_pages": 1}))
+                self._touch(i, req.key.digest)
+                return buf
+        return None
 
     def _touch(self, o: int, digest: str) -> None:
         # Report mapped reads to their owner (index ``o``) now and then: its recency and hit counters.

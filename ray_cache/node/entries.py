@@ -128,6 +128,19 @@ class LocalCache:
             return ref, nbytes, tier
         return self._hit(ref, nbytes, tier)
 
+    def keep_copy(self, key: EntryKey, load: Callable[[], pa.Table]) -> int:
+        """Keep ``load()`` as ``key``'s entry unless held: a copy of a page another worker
+        owns (the same key, so the same version: never stale), in memory and, by the next
+        :meth:`flush`, on disk where this node's readers map it. Returns its bytes (0 if held).
+        Counted ``replica_entries``, not as a miss: no store was asked."""
+        digest = key.digest
+        if digest in self.memory.sizes or digest in self.disk.sizes:
+            return 0
+        _ref, nbytes, tier = self._single_flight(digest, lambda: self._fill(key, load))
+        if tier == "store":
+            self.count(replica_entries=1)
+        return nbytes if tier == "store" else 0
+
     def fill_later(self, key: EntryKey, load: Callable[[], pa.Table],
                    submit: Callable[[Callable[[], None]], Any]) -> bool:
         """Claim ``key`` now and fill it from ``load()`` on ``submit``'s thread: bytes a writer

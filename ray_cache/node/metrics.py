@@ -17,7 +17,7 @@ COUNTER_FIELDS = (
     "hits", "misses", "memory_hits", "disk_hits", "bytes_from_memory", "bytes_from_disk",
     "bytes_from_under_store", "requests_to_under_store", "evictions", "fallbacks",
     "bytes_served_local", "bytes_served_remote", "loaded_entries",
-    "written_entries", "uploads_aborted",
+    "written_entries", "uploads_aborted", "replica_entries",
 )
 #: Worker fields exported as gauges.
 GAUGE_FIELDS = (

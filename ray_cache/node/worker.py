@@ -296,6 +296,29 @@ class CacheWorker:
             claimed += self.cache.fill_later(req.key, loader(req, span), self._handovers.submit)
         return claimed
 
+    def replicate(self, fs: Any, owner: str, requests: Sequence[PageRequest]) -> Tuple[int, int]:
+        """Keep copies of pages the worker named ``owner`` holds, so that this node's readers
+        map them from this disk tier instead of asking the owner (``load(replicas=...)``).
+        Each page comes by Ray's object transfer, which may take it from any node holding a
+        copy already. Returns ``(pages copied, bytes)``; pages held here are skipped, and an
+        error from the owner (e.g. the object is gone) is raised."""
+        todo = [r for r in requests if r.key.digest not in self.cache.memory.sizes
+                and r.key.digest not in self.cache.disk.sizes]
+        copied = nbytes = 0
+        if todo:
+            peer = self._peers.get(owner) or ray.get_actor(owner, namespace=NAMESPACE)
+            self._peers[owner] = peer
+            stream = peer.get_many.options(num_returns="streaming").remote(fs, todo)
+            for req in todo:
+                item = ray.get(next_item(stream), timeout=WORKER_TIMEOUT_S)
+                if item[0] == "err":
+                    raise item[1]
+                ref = item[1][0]
+                n = self.cache.keep_copy(req.key, lambda: ray.get(ref, timeout=WORKER_TIMEOUT_S))
+                copied, nbytes = copied + (n > 0), nbytes + n
+        self.cache.flush()  # on disk before returning: readers map copies from there
+        return copied, nbytes
+
     def watch_upload(self, fs: Any, bucket: str, key: str, upload_id: str, pid: int,
                      started: Optional[str]) -> None:
         """Abort this multipart upload if process ``pid`` (on this node) dies before

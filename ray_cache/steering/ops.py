@@ -49,6 +49,10 @@ class LoadReport:
         ``(object url, error)`` for entries that could not be loaded.
     cancelled : bool
         Whether the load was cancelled before the end.
+    replicas : int
+        Copies of pages placed on nodes other than their owners' (``replicas=``).
+    replica_bytes : int
+        Their bytes.
     """
 
     entries: int = 0
@@ -58,6 +62,8 @@ class LoadReport:
     seconds: float = 0.0
     failures: List[Tuple[str, str]] = field(default_factory=list)
     cancelled: bool = False
+    replicas: int = 0
+    replica_bytes: int = 0
     digests: Dict[int, List[str]] = field(default_factory=dict, repr=False)
 
 
@@ -153,6 +159,77 @@ def run_load(p: Plan, *, progress: Optional[bool] = None, cancel: Optional[threa
         report.digests.setdefault(owner, []).append(digest)
     report.cancelled = cancel.is_set()
     report.seconds = time.perf_counter() - start
+    return report
+
+
+def check_replicas(value: Any) -> Any:
+    """None (each page on its owner only), ``"all"`` (every cache node) or a number of nodes
+    (its owner counted) >= 1; anything else raises ``ValueError`` saying what is allowed.
+
+    >>> check_replicas("all"), check_replicas(2), check_replicas(None)
+    ('all', 2, None)
+    """
+    if value is None or value == "all":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"replicas must be None, 'all' or a number of nodes >= 1, got {value!r}")
+
+
+def run_replicas(p: Plan, replicas: Any, report: LoadReport, *, progress: Optional[bool] = None,
+                 cancel: Optional[threading.Event] = None) -> LoadReport:
+    """After :func:`run_load`: copies of the plan's pages on more nodes, each page on the
+    first ``replicas`` workers of its rendezvous ranking (its owner first; ``"all"``: every
+    worker), so readers there map them from their own node's disk (no call to the owner).
+
+    Every target pulls its copies from the owners at once, by Ray's object transfer, which
+    may serve a page from any node that holds it already. Parquet units are not copied
+    (``read_parquet`` reads them from their owners, or from copies on their nodes).
+    """
+    from tqdm.auto import tqdm
+
+    cancel = cancel or threading.Event()
+    names = [w.name for w in p.workers]
+    want = len(names) if replicas == "all" else min(int(replicas or 1), len(names))
+    jobs: Dict[int, Dict[int, List[Any]]] = {}  # target -> owner -> pages
+    for req in p.requests:
+        if isinstance(req, fetch.PageRequest):
+            ranked = hashing.rank(req.key.digest, names)
+            for target in ranked[1:want]:
+                jobs.setdefault(target, {}).setdefault(ranked[0], []).append(req)
+    total = sum(len(reqs) for owners in jobs.values() for reqs in owners.values())
+    lock = threading.Lock()
+    bar = tqdm(total=total, unit="page", desc="ray_cache replicas",
+               disable=not total or not (_interactive() if progress is None else progress))
+
+    def drive(target: int, owners: Dict[int, List[Any]]) -> None:
+        handle = p.workers[target].handle
+        for owner, reqs in owners.items():
+            for i in range(0, len(reqs), BATCH):
+                if cancel.is_set():
+                    return
+                batch = reqs[i : i + BATCH]
+                try:
+                    copied, nbytes = ray.get(handle.replicate.remote(p.fs, names[owner], batch),
+                                             timeout=2 * WORKER_TIMEOUT_S)
+                except Exception as exc:  # noqa: BLE001 - reported, the load itself stands
+                    with lock:
+                        report.failures.extend((r.obj.url, f"replica: {type(exc).__name__}: {exc}")
+                                               for r in batch)
+                    continue
+                with lock:
+                    report.replicas += copied
+                    report.replica_bytes += nbytes
+                    report.digests.setdefault(target, []).extend(r.key.digest for r in batch)
+                    bar.update(len(batch))
+
+    threads = [threading.Thread(target=drive, args=item, daemon=True) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    report.cancelled = report.cancelled or cancel.is_set()
     return report
 
 
@@ -258,4 +335,5 @@ def pin_loaded(report: LoadReport, workers: List[membership.WorkerRef], ttl_s: O
         raise
 
 
-__all__ = ["LoadReport", "BackgroundJob", "LoadJob", "plan", "run_load", "pin_loaded"]
+__all__ = ["LoadReport", "BackgroundJob", "LoadJob", "plan", "run_load", "run_replicas", "check_replicas",
+           "pin_loaded"]
