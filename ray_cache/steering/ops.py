@@ -149,17 +149,22 @@ def run_load(p: Plan, *, progress: Optional[bool] = None, cancel: Optional[threa
             if on_progress is not None:
                 on_progress(done, report.entries)
 
-    threads = [threading.Thread(target=drive, args=item, daemon=True) for item in by_owner.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _each_at_once(drive, by_owner.items())
     bar.close()
     for owner, digest in p.extra_digests:
         report.digests.setdefault(owner, []).append(digest)
     report.cancelled = cancel.is_set()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _each_at_once(fn: Callable[..., None], items: Any) -> None:
+    """``fn(*item)`` for every item, each on its own thread (one per worker), all joined."""
+    threads = [threading.Thread(target=fn, args=item, daemon=True) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def check_replicas(value: Any) -> Any:
@@ -223,11 +228,7 @@ def run_replicas(p: Plan, replicas: Any, report: LoadReport, *, progress: Option
                     report.digests.setdefault(target, []).extend(r.key.digest for r in batch)
                     bar.update(len(batch))
 
-    threads = [threading.Thread(target=drive, args=item, daemon=True) for item in jobs.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _each_at_once(drive, jobs.items())
     bar.close()
     report.cancelled = report.cancelled or cancel.is_set()
     return report
