@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from typing import Any, Dict
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports, no Prometheus probes
 
@@ -39,6 +40,7 @@ def ray_cluster():
     )
     ray.init(address=cluster.address, logging_level="WARNING")
     yield cluster
+    _drop_gpu_pool()
     ray_cache.shutdown()
     ray.shutdown()
     cluster.shutdown()
@@ -154,23 +156,51 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 NODE = dict(num_cpus=1, num_gpus=1, object_store_memory=256 << 20, resources={"gpu_node_slot": 1})
 
 
+#: GPU raylets kept from one GPU test to the next (starting two costs ~5 s): (cluster, nodes).
+_GPU_POOL: Dict[str, Any] = {"cluster": None, "nodes": []}
+
+
+def _drop_gpu_pool(keep: int = 0) -> None:
+    """Remove the kept GPU raylets beyond the first ``keep`` (their workers stopped first)."""
+    cluster, nodes = _GPU_POOL["cluster"], _GPU_POOL["nodes"]
+    alive = [n for n in nodes if cluster is not None and n in cluster.list_all_nodes()]
+    if len(alive) > keep:
+        ray_cache.shutdown()
+    for node in alive[keep:]:
+        cluster.remove_node(node)
+    _GPU_POOL["nodes"] = alive[:keep]
+
+
+@pytest.fixture(autouse=True)
+def _gpu_nodes_only_where_asked(request):
+    """A test that does not ask for GPU nodes runs without them (the pool goes at the first
+    such test), so every other test sees the one-node cluster it was written for."""
+    if _GPU_POOL["nodes"] and "gpu_nodes" not in request.fixturenames:
+        _drop_gpu_pool()
+    yield
+
+
 @pytest.fixture()
 def gpu_nodes(ray_cluster):
-    """Two extra raylets that declare one GPU each; removed (with their workers) at the end."""
-    added = []
+    """Two raylets that declare one GPU each, no cache worker on them yet. A test may add
+    nodes (``add``) or remove some; the next GPU test starts from two again (the same two
+    where they are still there), and the first test without GPU nodes removes them."""
+    ray_cache.shutdown()
+    _GPU_POOL["cluster"] = ray_cluster
+    _drop_gpu_pool(keep=2)
+    added = list(_GPU_POOL["nodes"])
 
     def add(n: int = 1):
         new = [ray_cluster.add_node(**NODE) for _ in range(n)]
         ray_cluster.wait_for_nodes()
         added.extend(new)
+        _GPU_POOL["nodes"].extend(new)
         return new
 
-    add(2)
+    if len(added) < 2:
+        add(2 - len(added))
     yield add, added
     ray_cache.shutdown()
-    for node in added:
-        if node in ray_cluster.list_all_nodes():
-            ray_cluster.remove_node(node)
 
 
 def fresh_cache(tmp_path):
