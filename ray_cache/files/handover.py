@@ -40,12 +40,6 @@ def hand_over(obj: StoreObject, refs: List[ray.ObjectRef], page_size: int, worke
               parquet_like: bool) -> Dict[str, int]:
     """Give each page (and, for Parquet, each unit and the footer) to its owner; returns
     how many ``pages`` and ``units`` were claimed. Waits for the claims, not the copies."""
-    return claimed(start(obj, refs, page_size, workers, parquet_like))
-
-
-def start(obj: StoreObject, refs: List[ray.ObjectRef], page_size: int, workers: Sequence[WorkerRef],
-          parquet_like: bool) -> List[Tuple[str, Any]]:
-    """:func:`hand_over`'s calls, sent and not waited for (:func:`claimed` waits)."""
     names = [w.name for w in workers]
     reqs = [fetch.page_request(obj, i, page_size) for i in range(len(refs))]
     calls: List[Tuple[str, Any]] = []
@@ -57,11 +51,6 @@ def start(obj: StoreObject, refs: List[ray.ObjectRef], page_size: int, workers: 
             calls.extend(("units", c) for c in _parquet_calls(obj, refs, page_size, workers, names))
         except NotParquetError as exc:  # PAR1 at both ends is not proof: the pages still count
             log.debug("ray_cache: %s: no units handed over (%s)", obj.url, exc)
-    return calls
-
-
-def claimed(calls: List[Tuple[str, Any]]) -> Dict[str, int]:
-    """How many ``pages`` and ``units`` the calls of :func:`start` claimed, once they have."""
     counts = {"pages": 0, "units": 0}
     for what, n in zip([w for w, _ in calls], ray.get([c for _, c in calls], timeout=2 * WORKER_TIMEOUT_S)):
         counts[what] += n

@@ -16,10 +16,7 @@ What is kept, and what is not:
 
 - Only what this process wrote, under the version the store proves is it. A version that
   cannot be proven (another writer replaced the object first, an ETag that is not an MD5)
-  keeps nothing: the write succeeded, reads fetch it. A small S3 file (one PUT, under
-  ``PREDICT_BYTES``) is handed over while its PUT is in flight, under the ETag S3 gives
-  one PUT (its MD5): a key that names its own bytes, so it is never a wrong answer, and
-  one the store's answer shows to be someone else's (SSE-KMS) is dropped.
+  keeps nothing: the write succeeded, reads fetch it.
 - The first :data:`~ray_cache.files.spool.SPOOL_BYTES` of a file (pages are independent entries: a larger file
   has its leading pages cached, the rest is fetched on first read).
 - Not appends (``"ab"``), files in an fsspec transaction (``autocommit=False``), copies,
@@ -150,14 +147,9 @@ class WritingFile(io.IOBase):
             return
         self._done = True
         spool, self._spool = self._spool, None
-        ahead = self._claim_ahead(spool)
-        if ahead is not None:
-            spool = None  # its pages are with their owners already
         try:
             self._f.close()
         except BaseException:
-            if ahead is not None:
-                self._unclaim()
             if spool is not None:
                 spool.drop()
             try:  # S3: abort the multipart upload it may have left open
@@ -170,11 +162,6 @@ class WritingFile(io.IOBase):
         finally:
             self._fs.invalidate_cache(self.path)
         self._forget_upload()
-        if ahead is not None:
-            try:
-                self._settle(*ahead)
-            except Exception as exc:  # noqa: BLE001 - the write succeeded; reads will fetch
-                log.debug("ray_cache: pages of %s not handed over (%s)", self.path, exc)
         if spool is not None:
             try:
                 refs = spool.finish()
@@ -223,50 +210,6 @@ class WritingFile(io.IOBase):
             self._workers = self._fs._reader().workers(refresh=True) or []
             counts = handover.hand_over(obj, refs, self._fs.page_size, self._workers, parquet_like)
         self._fs._reader()._count(written_pages=counts["pages"], written_units=counts["units"])
-
-    def _claim_ahead(self, spool: Optional[PageSpool]) -> Optional[Any]:
-        """A small S3 file goes up in one PUT whose ETag is the MD5 of its bytes: hand its
-        pages over under that predicted version now, while the PUT is in flight, instead of
-        after it (the claim's round trip to the owners was a small file's whole overhead).
-        No reader can ask for the new version before the PUT has answered (it learns
-        versions from the store), and an entry under a prediction that proves wrong is
-        never wrong: its version names exactly its bytes' MD5 (see :meth:`_settle`)."""
-        etag = self._proof.predicted_etag() if spool is not None else None
-        if etag is None or getattr(self._f, "mpu", None) or self._proof.nbytes >= getattr(self._f, "blocksize", 0):
-            return None
-        refs = spool.finish()
-        if refs is None:
-            return None
-        obj = object_of(self._fs.target, {"name": self.path, "size": self._proof.nbytes, "ETag": etag}, "s3")
-        try:
-            calls = handover.start(obj, refs, self._fs.page_size, self._workers,
-                                   self._head == self._tail == handover.MAGIC)
-        except Exception as exc:  # noqa: BLE001 - write-through is skipped, not the write
-            log.debug("ray_cache: pages of %s not handed over (%s)", self.path, exc)
-            calls = []
-        return obj, refs, calls
-
-    def _settle(self, obj: Any, refs: List[ray.ObjectRef], calls: List[Any]) -> None:
-        """After the PUT. The claims stand unless the store answered another ETag (SSE-KMS,
-        SSE-C): then they are dropped and the pages handed over under the real version. An
-        answer without an ETag leaves them too: a version ``etag:<MD5 of these bytes>`` names
-        these bytes whatever the answer said, so no reader can be served other bytes by it."""
-        info = proven_version(self._fs.target, self.path, self._proof)
-        if info is None or object_of(self._fs.target, info, "s3").version == obj.version:
-            counts = handover.claimed(calls) if calls else {"pages": 0, "units": 0}
-            self._fs._reader()._count(written_pages=counts["pages"], written_units=counts["units"])
-            return
-        if calls:
-            self._unclaim()
-        self._hand_over(refs)
-
-    def _unclaim(self) -> None:
-        """Drop what a claim ahead left on the owners (best effort: such an entry is
-        keyed by its own bytes' MD5, so it is wasted room, never a wrong answer)."""
-        try:
-            ray.get([w.handle.free.remote("s3", [self.path]) for w in self._workers], timeout=WORKER_TIMEOUT_S)
-        except Exception:  # noqa: BLE001
-            pass
 
     def _watch(self) -> None:
         mpu = getattr(self._f, "mpu", None)

@@ -32,10 +32,6 @@ from ray_cache.store.underfs import bounded_call, refresh, version_of
 
 log = logging.getLogger("ray_cache.store.written")
 
-#: An S3 file up to this size is hashed as it is written, so its pages can be handed over
-#: under its predicted ETag while its one PUT is in flight (see :meth:`WriteProof.predicted_etag`).
-PREDICT_BYTES = 16 << 20
-
 
 class WriteProof:
     """What a writer sent, kept to prove the version the store reports afterwards.
@@ -57,7 +53,7 @@ class WriteProof:
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
         self.nbytes = 0
-        self._md5: Optional[Any] = hashlib.md5(usedforsecurity=False) if protocol in ("gcs", "s3") else None
+        self._md5: Optional[Any] = hashlib.md5(usedforsecurity=False) if protocol == "gcs" else None
         self.answer: Optional[Dict[str, Any]] = None
 
     def update(self, data: Any) -> None:
@@ -65,19 +61,7 @@ class WriteProof:
         view = memoryview(data).cast("B")
         self.nbytes += view.nbytes
         if self._md5 is not None:
-            if self.protocol == "s3" and self.nbytes > PREDICT_BYTES:
-                self._md5 = None  # S3 needs it only to predict a small file's ETag
-            else:
-                self._md5.update(view)
-
-    def predicted_etag(self) -> Optional[str]:
-        """S3's ETag for these bytes sent in one PUT (the MD5's hex; not with SSE-KMS or
-        SSE-C, which the commit's answer then shows), or None past :data:`PREDICT_BYTES`.
-
-        >>> p = WriteProof("s3"); p.update(b"abc"); p.predicted_etag()
-        '900150983cd24fb0d6963f7d28e17f72'
-        """
-        return self._md5.hexdigest() if self.protocol == "s3" and self._md5 is not None else None
+            self._md5.update(view)
 
     def matches(self, info: Dict[str, Any]) -> bool:
         """Whether ``info`` (the store's record after the write) is what we wrote."""
