@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_a_short_soak_passes_every_verdict(tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--minutes", "0.6", "--sample-s", "6", "--warmup", "0.5",
+        [sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--minutes", "1", "--sample-s", "8", "--warmup", "0.5",
          "--json", str(out)],
         capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert out.exists(), run.stdout[-2000:] + run.stderr[-3000:]
