@@ -10,19 +10,17 @@ returns the warm dataset when every unit is cached (:mod:`ray_cache.readers.fast
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import ray
 
+from ray_cache.api import PathArg
 from ray_cache.cluster.membership import workers as _workers
 from ray_cache.store import access, underfs
 from ray_cache.store.keys import StoreObject
 
 log = logging.getLogger("ray_cache")
-
-PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
 def read_parquet(

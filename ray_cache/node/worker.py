@@ -306,9 +306,7 @@ class CacheWorker:
                 and r.key.digest not in self.cache.disk.sizes]
         copied = nbytes = 0
         if todo:
-            peer = self._peers.get(owner) or ray.get_actor(owner, namespace=NAMESPACE)
-            self._peers[owner] = peer
-            stream = peer.get_many.options(num_returns="streaming").remote(fs, todo)
+            stream = self._peer(owner).get_many.options(num_returns="streaming").remote(fs, todo)
             for req in todo:
                 item = ray.get(next_item(stream), timeout=WORKER_TIMEOUT_S)
                 if item[0] == "err":
@@ -365,10 +363,7 @@ class CacheWorker:
     def _relay(self, owner: str, fs: Any, reqs: Sequence[PageRequest]) -> List[Tuple[str, Any]]:
         out: List[Tuple[str, Any]] = []
         try:
-            peer = self._peers.get(owner)
-            if peer is None:
-                peer = self._peers[owner] = ray.get_actor(owner, namespace=NAMESPACE)
-            stream = peer.get_many.options(num_returns="streaming").remote(fs, list(reqs))
+            stream = self._peer(owner).get_many.options(num_returns="streaming").remote(fs, list(reqs))
             for _ in reqs:
                 out.append(self._channel_item(ray.get(next_item(stream), timeout=WORKER_TIMEOUT_S)))
         except Exception as exc:  # noqa: BLE001 - owner gone or not answering: the reader reads the store
@@ -378,6 +373,13 @@ class CacheWorker:
         return out
 
     # -- helpers -------------------------------------------------------------------
+    def _peer(self, owner: str) -> Any:
+        """The handle of the worker named ``owner``, looked up once."""
+        peer = self._peers.get(owner)
+        if peer is None:
+            peer = self._peers[owner] = ray.get_actor(owner, namespace=NAMESPACE)
+        return peer
+
     def _count_store(self, requests: int, nbytes: int) -> None:
         self.cache.count(requests_to_under_store=requests, bytes_from_under_store=nbytes)
 

@@ -161,16 +161,16 @@ def matching_units(expr: Any, meta: pq.FileMetaData, units: Sequence[parquet.Uni
     none of whose row groups is excluded stays as it is (the same cache entry as an
     unfiltered read), one with some excluded becomes the runs of those that are not, and
     one with all excluded goes. A partition column's value is the same on every row."""
+    values = {key: value if not typed or typed[0] == "string" else
+              pa.scalar(value).cast(pa.type_for_alias(typed[0])).as_py()
+              for key, value, *typed in partitions}  # the same on every row of the file
     out: List[parquet.Unit] = []
     for unit in units:
         keep = []
         for i in range(unit.start, unit.stop):
             bounds = row_group_bounds(meta, i, schema)
             rows = meta.row_group(i).num_rows
-            for key, value, *typed in partitions:
-                v = value if not typed or typed[0] == "string" else \
-                    pa.scalar(value).cast(pa.type_for_alias(typed[0])).as_py()
-                bounds[key] = (v, v, 0, rows)
+            bounds.update((key, (v, v, 0, rows)) for key, v in values.items())
             keep.append(may_match(expr, bounds))
         if all(keep):
             out.append(unit)
