@@ -24,7 +24,9 @@ file, ``part-<partition>-<job>.parquet``, through ``raycache``, so the file is c
 is written (pages and the units ``read_parquet`` will ask for: the next stage reads it
 warm). A retried task rewrites the same name, so a committed job leaves exactly one file per
 partition; ``mode("overwrite")`` removes the folder's other files at commit; an aborted job's
-files are deleted (files appear as tasks finish, as with S3's direct committers).
+files are deleted, also those of tasks still closing as it aborts (a hidden
+``_aborted-<job>`` marker, written first, tells them; files appear as tasks finish, as with
+S3's direct committers).
 """
 
 from __future__ import annotations
@@ -326,8 +328,10 @@ class _Writer(DataSourceArrowWriter):
 
         target, (root,) = underfs.resolve_filesystem([path], None, storage or None)
         self.root = root.rstrip("/")
+        self.target = target
         self.fs = CacheFileSystem(fs=target, skip_instance_cache=True)
         self.job = uuid.uuid4().hex[:12]
+        self.marker = f"{self.root}/_aborted-{self.job}"
         self.overwrite = overwrite
         if not ray.is_initialized():  # not joined: nothing to write through to
             raise RuntimeError("ray_cache: register the data source with ray_cache.spark.register(spark)")
@@ -349,7 +353,16 @@ class _Writer(DataSourceArrowWriter):
             for batch in batches:
                 writer.write_batch(batch)
             writer.close()
+        if self._aborted():  # the job was aborted while this task wrote: its file must not stay
+            self.fs.rm(path)
+            return _Written(None)
         return _Written(path)
+
+    def _aborted(self) -> bool:
+        # Asked of the store itself after this task's file is visible there, and written by
+        # abort() before it lists: whichever comes first, the other sees it.
+        self.target.invalidate_cache(self.root)
+        return bool(self.target.exists(self.marker))
 
     def commit(self, messages: List[Optional[WriterCommitMessage]]) -> None:
         if self.overwrite:
@@ -359,6 +372,10 @@ class _Writer(DataSourceArrowWriter):
                 self.fs.rm(old)
 
     def abort(self, messages: List[Optional[WriterCommitMessage]]) -> None:
+        # A task still closing its file as this runs would leave it after the listing: the
+        # marker, written first, tells it to delete its own (it stays, hidden like _SUCCESS).
+        self.target.pipe_file(self.marker, b"")
+        self.fs.invalidate_cache(self.root)
         mine = [p for p in self.fs.find(self.root) if f"-{self.job}.parquet" in p]
         if mine:
             self.fs.rm(mine)

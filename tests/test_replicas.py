@@ -41,12 +41,18 @@ def test_replicas_on_every_node_are_mapped_there_and_the_store_is_read_once(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     fresh_cache(tmp_path)
     blob = os.urandom(PAGES * PAGE_SIZE - 1000)
-    path, control = f"{prefix}/model.bin", f"{prefix}/other.bin"
+    path = f"{prefix}/model.bin"
     s3fs_direct.pipe_file(path, blob)
-    s3fs_direct.pipe_file(control, blob[::-1])
     workers = membership.live_workers()
     names = [w.name for w in workers]
     assert len(workers) == 2
+    # The control needs pages owned by each worker (5 pages all on one owner: 1 in 16), or a
+    # node would have nothing to ask of another's worker.
+    for n in range(50):
+        control = f"{prefix}/other-{n}.bin"
+        s3fs_direct.pipe_file(control, blob[::-1])
+        if len({hashing.owner(d, names) for d in _page_digests(s3fs_direct, control)}) == 2:
+            break
     proxy.reset()
     report = ray_cache.load(f"s3://{path}", filesystem=s3fs_proxied, replicas="all")
     assert report.failures == [] and report.fetched == PAGES
@@ -65,7 +71,8 @@ def test_replicas_on_every_node_are_mapped_there_and_the_store_is_read_once(
         assert counts["replica_pages"] == owned_elsewhere > 0, counts
         digest, counts = ray.get(_read_on(node, rfs, control), timeout=300)
         assert digest == hashlib.md5(blob[::-1]).hexdigest()
-        assert counts["worker_pages"] > 0, "without replicas a page owned elsewhere is asked of its owner"
+        control_elsewhere = sum(hashing.owner(d, names) != here for d in _page_digests(s3fs_proxied, control))
+        assert counts["worker_pages"] == control_elsewhere > 0, "without replicas a page owned elsewhere is asked of its owner"
     assert data_gets(proxy) == [], "the rollout reads nothing from the store"
     assert ray_cache.load(f"s3://{path}", filesystem=s3fs_proxied, replicas="all").replicas == 0, \
         "copies held are not copied again"

@@ -217,3 +217,19 @@ def test_a_failed_spark_write_leaves_no_file(spark, cache, s3fs_direct, prefix):
     with pytest.raises(Exception, match="a task fails mid-write"):
         df.write.format("ray_cache").mode("append").save(f"s3://{prefix}/failed/")
     assert [p for p in s3fs_direct.find(f"{prefix}/failed/") if not p.rsplit("/", 1)[-1].startswith("_")] == []
+
+
+def test_a_task_that_closes_its_file_after_the_abort_deletes_it(spark, cache, s3fs_direct, prefix):
+    # The race a listing alone misses: abort() has listed and deleted while another task was
+    # still closing its file. Here the abort comes first and the task finishes after it.
+    import pyarrow as pa
+
+    import ray_cache.spark
+
+    ray_cache.spark.register(spark)
+    source = ray_cache.spark.RayCacheSource({"path": f"s3://{prefix}/late/"})
+    writer = source.writer(None, False)
+    writer.abort([])
+    written = writer.write(iter([pa.record_batch({"id": pa.array(range(100))})]))
+    assert written.path is None
+    assert [p for p in s3fs_direct.find(f"{prefix}/late/") if p.endswith(".parquet")] == []
