@@ -28,8 +28,8 @@ class PageSpool:
     fills (owned by this process: freed with it, if it dies).
 
     The copying runs on a thread of its own, so it overlaps the upload: :meth:`add` only
-    queues (copying a buffer the caller may reuse), :meth:`finish` waits and returns the
-    pages' refs, or None if any page could not be put (the object store is full: the file
+    queues (copying a buffer the caller may reuse), :meth:`end` says no more will come (the
+    last page is put on the thread too), :meth:`finish` waits and returns the pages' refs, or None if any page could not be put (the object store is full: the file
     is then not cached, its write is unaffected).
 
     >>> import ray; _ = ray.init(address="local", num_cpus=1, include_dashboard=False)  # doctest: +SKIP
@@ -48,6 +48,7 @@ class PageSpool:
         # its bytes twice (and gives up on write-through if it waits too long).
         self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=SPOOL_QUEUE)
         self._thread: Optional[threading.Thread] = None
+        self._ended = False
 
     def add(self, data: Any) -> None:
         if self._thread is None:
@@ -60,17 +61,23 @@ class PageSpool:
         except queue.Full:
             self.failed = TimeoutError("the object store took no page in time")
 
-    def finish(self, timeout: float = WORKER_TIMEOUT_S) -> Optional[List[ray.ObjectRef]]:
-        if self._thread is not None:
+    def end(self, timeout: float = WORKER_TIMEOUT_S) -> None:
+        """No more data: the thread puts the last, partial page while the caller goes on
+        (the writer's commit to the store: a small file's one page is put during its PUT)."""
+        if self._thread is not None and not self._ended:
+            self._ended = True
             try:
                 self._queue.put(None, timeout=timeout)
             except queue.Full:
                 self.failed = self.failed or TimeoutError("pages not put in time")
+
+    def finish(self, timeout: float = WORKER_TIMEOUT_S) -> Optional[List[ray.ObjectRef]]:
+        """Wait for every page; their refs, or None if any could not be put."""
+        if self._thread is not None:
+            self.end(timeout)
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self.failed = TimeoutError("pages not put in time")
-        if self.failed is None and self._page and len(self.refs) < self.pages_max:
-            self._seal()
         return None if self.failed is not None else self.refs
 
     def drop(self) -> None:
@@ -91,6 +98,11 @@ class PageSpool:
                     return
                 continue
             if data is None:
+                if self.failed is None and self._page and len(self.refs) < self.pages_max:
+                    try:
+                        self._seal()
+                    except BaseException as exc:  # noqa: BLE001 - reported by finish()
+                        self.failed = exc
                 return
             if self.failed is not None:
                 continue

@@ -147,6 +147,8 @@ class WritingFile(io.IOBase):
             return
         self._done = True
         spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.end()  # its last page goes into the object store while the store commits
         try:
             self._f.close()
         except BaseException:
