@@ -4,7 +4,8 @@ For each fault (503 SlowDown, 500, a connection cut mid-reply, a body truncated 
 consistent Content-Length, a stalled reply) and each way in (Parquet, files, ``load``,
 writes): the right data or a clear ``OSError`` naming the object, in bounded time; nothing
 wrong or partial cached (a second, fault-free read must be right and sent no data GET);
-the cache keeps serving what it has. Faults are counted at the proxy, not by us.
+the cache keeps serving what it has. Faults are counted at the proxy, not by us. Also the
+object store full (a Ray of its own that may not spill): right bytes, read from the store.
 """
 
 from __future__ import annotations
@@ -138,3 +139,58 @@ def test_writes_through_the_cache_retry_and_land_whole(cache, s3_server, s3fs_di
     for name in ("w.bin", "w2.bin"):
         assert s3fs_direct.cat_file(f"{prefix}/{name}") == data
         assert rfs.cat_file(f"{prefix}/{name}") == data
+
+
+FULL_STORE = """
+import json, os, sys
+import fsspec, numpy as np, ray
+import ray_cache
+from ray_cache.files import pages
+from ray_cache.files.fs import CacheFileSystem
+
+d = sys.argv[1]
+# A Ray of its own: no spilling, and every disk counts as full, so an object the object
+# store has no room for is refused (as on a node whose spill disk is full).
+ray.init(address="local", num_cpus=2, object_store_memory=80 << 20, include_dashboard=False,
+         logging_level="ERROR",
+         _system_config={"automatic_object_spilling_enabled": False, "local_fs_capacity_threshold": 0.0})
+ray_cache.start(memory_bytes=40 << 20, disk_bytes=256 << 20, disk_dir=os.path.join(d, "cache"))
+blobs = {}
+for i in range(3):
+    blobs[os.path.join(d, f"f{i}.bin")] = os.urandom(6 << 20)
+    open(os.path.join(d, f"f{i}.bin"), "wb").write(blobs[os.path.join(d, f"f{i}.bin")])
+hold, refused = [], None
+while refused is None:
+    try:
+        hold.append(ray.put(np.zeros(4 << 20, dtype=np.uint8)))
+    except Exception as exc:
+        refused = type(exc).__name__
+rfs = CacheFileSystem(fs=fsspec.filesystem("file"), skip_instance_cache=True)
+out = {"refused": refused, "full": [rfs.cat_file(p) == b for p, b in blobs.items()],
+       "fallback_pages": pages.reader().stats()["fallback_pages"], "fallbacks": ray_cache.stats()["fallbacks"]}
+del hold
+pages.reader().clear()
+out["after"] = [rfs.cat_file(p) == b for p, b in blobs.items()]
+store_bytes = ray_cache.stats()["bytes_from_under_store"]
+pages.reader().clear()
+out["again"] = [rfs.cat_file(p) == b for p, b in blobs.items()]
+out["store_bytes_again"] = ray_cache.stats()["bytes_from_under_store"] - store_bytes
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_object_store_costs_no_error_and_caches_nothing_partial(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FULL_STORE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["refused"] in ("ObjectStoreFullError", "OutOfDiskError"), "the object store was full"
+    assert out["full"] == [True] * 3, "right bytes while the object store had no room"
+    assert out["fallback_pages"] > 0 and out["fallbacks"] == out["fallback_pages"], out
+    assert out["after"] == out["again"] == [True] * 3
+    assert out["store_bytes_again"] == 0, "once there was room, what was cached is served"

@@ -2,8 +2,9 @@
 
 For each key the owner is chosen by rendezvous hashing over the live workers' names, the
 same in every process. Requests to one owner go in one streaming call, answered in order
-while later misses are still being fetched. If the owner dies or stops answering, the
-reader fetches the unit from the store itself, counts that fallback (reported to a
+while later misses are still being fetched. If the owner dies or stops answering, or
+the object store has no room for its answer (full, nowhere to spill), the reader fetches
+the unit from the store itself, counts that fallback (reported to a
 surviving worker so ``stats()`` shows it) and logs it once per worker: never a hang, never
 a wrong row, never silent.
 """
@@ -20,6 +21,8 @@ from ray.exceptions import (
     GetTimeoutError,
     NodeDiedError,
     ObjectLostError,
+    ObjectStoreFullError,
+    OutOfDiskError,
     RayActorError,
     WorkerCrashedError,
 )
@@ -45,6 +48,9 @@ WORKER_GONE = (
     WorkerCrashedError,
     GetTimeoutError,
 )
+#: Failures that mean "the object store has no room for this answer now" (full, and no
+#: disk to spill to): the data is fine, the cache cannot carry it; readers go to the store.
+CACHE_FULL = (ObjectStoreFullError, OutOfDiskError)
 _warned: set = set()
 #: How long a reader waits for a surviving worker to count its fallback.
 REPORT_TIMEOUT_S = 5.0
@@ -178,6 +184,8 @@ def read_units(
             except WORKER_GONE as exc:
                 dead[o] = exc
                 warn_once(workers[o].name, exc)
+            except CACHE_FULL:  # the owner's answer had no room: the store's, as for a fallback
+                pass
         if table is None:
             table = fetch.read_unit(fs, req)
             if o >= 0:
@@ -191,4 +199,5 @@ def read_units(
                 pass
 
 
-__all__ = ["read_units", "ask_owners", "footers", "next_item", "warn_once", "report_fallback", "WORKER_GONE", "CacheError"]
+__all__ = ["read_units", "ask_owners", "footers", "next_item", "warn_once", "report_fallback", "WORKER_GONE", "CACHE_FULL",
+           "CacheError"]

@@ -6,10 +6,8 @@ one cache entry, keyed by (protocol, path, version, page size, index) like any o
 entry (:func:`ray_cache.store.fetch.page_key`), owned by the worker that rendezvous hashing
 picks, and served from that worker's memory tier, else its disk tier, else fetched from
 the store once (one ranged GET: conditional on the version on S3, followed by a version
-check elsewhere) and kept. Pages share capacity and
-eviction with the Arrow batches: they live in the same ``LocalCache``.
-
-Why pages are 4 MiB: :mod:`ray_cache.files.pagebuf`.
+check elsewhere) and kept. Pages share capacity and eviction with the Arrow batches: they
+live in the same ``LocalCache``. Why pages are 4 MiB: :mod:`ray_cache.files.pagebuf`.
 
 Where a page comes from (cheapest first)
 ----------------------------------------
@@ -30,8 +28,9 @@ Where a page comes from (cheapest first)
    ``reader().short_circuit = False``) turns this step off.
 3. The owner, through Ray (``get_many``): its memory tier (object-store memory, mapped
    without a copy on this node), else its disk tier, else one fetch from the store.
-4. The store itself, when the owner is gone (counted as ``fallback_pages`` and reported to
-   a surviving worker) or, in a forked process, where no worker runs on this node.
+4. The store itself, when the owner is gone or the object store has no room for its
+   answer (counted as ``fallback_pages`` and reported to a surviving worker) or, in a
+   forked process, where no worker runs on this node.
 
 This process's reader
 ---------------------
@@ -41,8 +40,7 @@ to the running cache from this process. It knows the workers (refreshed every
 
 Which processes can use Ray, and how the others read: :mod:`ray_cache.files.local`.
 
-Thread safety: :class:`PageReader` and :class:`PageBuffers` may be used from many
-threads at once.
+Thread safety: :class:`PageReader` and :class:`PageBuffers` may be used from many threads.
 """
 
 from __future__ import annotations
@@ -61,7 +59,7 @@ from ray_cache.files.pagebuf import (  # noqa: F401 - re-exported: the page part
     BUFFER_BYTES, MAPPED_BYTES, PAGE_SIZE, Layout, PageBuffers, assemble, clamp, cut, map_page,
     page_buffer, page_requests,
 )
-from ray_cache.cluster.routing import WORKER_GONE, ask_owners, report_fallback, warn_once
+from ray_cache.cluster.routing import CACHE_FULL, WORKER_GONE, ask_owners, report_fallback, warn_once
 from ray_cache.cluster import forks, membership
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
@@ -82,6 +80,7 @@ TOUCH_EVERY_S = 1.0
 #: One page's bytes, or the exception that stands for it.
 PageResult = Union[memoryview, BaseException]
 _GONE = object()  # marks a page whose owner did not answer
+_FULL = object()  # marks a page the object store had no room for (read from the store)
 
 
 class PageReader:
@@ -151,16 +150,14 @@ class PageReader:
         by workers through Ray), ``channel_pages``/``channel_bytes`` (answered by this
         node's workers through their channels, in a forked process without Ray),
         ``direct_pages``/``direct_bytes`` (read from the store here: a forked process on a
-        node without a worker) and ``fallback_pages`` (read
-        from the store here because a worker was gone; also reported to a surviving
-        worker, so ``ray_cache.stats()`` shows them). ``buffer_hits`` is counted without a
-        lock (it is on every warm read), so concurrent threads may rarely lose a count.
-        """
+        node without a worker) and ``fallback_pages`` (read from the store here because a
+        worker was gone or the object store full; also reported to a surviving worker, so
+        ``ray_cache.stats()`` shows them). ``buffer_hits`` is counted without a lock (it
+        is on every warm read), so concurrent threads may rarely lose a count."""
         with self._lock:
             out = dict(self._counters, buffer_hits=self._buffer_hits)
-        for name in ("buffer_hits", "mapped_pages", "replica_pages", "worker_pages", "worker_bytes",
-                     "channel_pages", "channel_bytes", "direct_pages", "direct_bytes",
-                     "fallback_pages"):
+        for name in ("buffer_hits", "mapped_pages", "replica_pages", "worker_pages", "worker_bytes", "channel_pages",
+                     "channel_bytes", "direct_pages", "direct_bytes", "fallback_pages"):
             out.setdefault(name, 0)
         return out
 
@@ -252,12 +249,9 @@ class PageReader:
         return out
 
     def _held(self, req: PageRequest) -> Optional[memoryview]:
-        """A page this process holds: mapped from disk, else an object-store buffer.
-
-        An object-store buffer is swapped for the disk-tier file once the owner has
-        written it (looked for at most once a second): copying from a file mapping is
-        faster here, and the object is no longer pinned.
-        """
+        """A page this process holds: mapped from disk, else an object-store buffer (swapped
+        for the disk-tier file once the owner has written it, looked for at most once a
+        second: copying from a file mapping is faster here, and the object is unpinned)."""
         d = req.key.digest
         buf = self.mapped.get(d)
         if buf is not None:
@@ -340,9 +334,14 @@ class PageReader:
 
     def _fetch(self, fs: Any, reqs: List[PageRequest]) -> Dict[str, PageResult]:
         workers = self.workers()
-        if workers is None:
-            return self._from_channels(fs, reqs)
+        if workers is None:  # a process without Ray: this node's workers' channels
+            return self.channels.read(self, fs, reqs)
         got, _ = self._from_workers(fs, reqs, workers)
+        full = [r for r in reqs if got[r.key.digest] is _FULL]  # no room for the owner's answer
+        for r in full:
+            got[r.key.digest] = self._direct(fs, r, "fallback")
+        if full:
+            report_fallback(workers, "", len(full), sum(r.end - r.start for r in full))
         gone = [r for r in reqs if got[r.key.digest] is _GONE]
         if gone:  # a worker died or was replaced (same name, new actor): ask Ray again
             workers = self.workers(refresh=True) or []
@@ -373,14 +372,14 @@ class PageReader:
             except WORKER_GONE as exc:
                 gone[o] = exc
                 out[r.key.digest] = _GONE
+            except CACHE_FULL:
+                out[r.key.digest] = _FULL
         return out, {workers[o].name: exc for o, exc in gone.items()}
-
-    def _from_channels(self, fs: Any, reqs: List[PageRequest]) -> Dict[str, PageResult]:
-        """Pages for a process without Ray, through this node's workers' channels."""
-        return self.channels.read(self, fs, reqs)
 
     def _take(self, item: Any, req: PageRequest) -> PageResult:
         if item[0] == "err":
+            if isinstance(item[1], CACHE_FULL):
+                raise item[1]
             return item[1]
         ref = item[1][0]
         buf = page_buffer(ray.get(ref, timeout=WORKER_TIMEOUT_S).column(0))  # no copy on this node
