@@ -29,8 +29,9 @@ class PageSpool:
 
     The copying runs on a thread of its own, so it overlaps the upload: :meth:`add` only
     queues (copying a buffer the caller may reuse), :meth:`end` says no more will come (the
-    last page is put on the thread too), :meth:`finish` waits and returns the pages' refs, or None if any page could not be put (the object store is full: the file
-    is then not cached, its write is unaffected).
+    last page is put on the thread too), :meth:`finish` waits and returns the pages' refs,
+    or None if any page could not be put (the object store is full: the file is then not
+    cached, its write is unaffected).
 
     >>> import ray; _ = ray.init(address="local", num_cpus=1, include_dashboard=False)  # doctest: +SKIP
     >>> s = PageSpool(4); s.add(b"abcdefghij")  # doctest: +SKIP
