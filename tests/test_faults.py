@@ -155,10 +155,9 @@ ray.init(address="local", num_cpus=2, object_store_memory=80 << 20, include_dash
          logging_level="ERROR",
          _system_config={"automatic_object_spilling_enabled": False, "local_fs_capacity_threshold": 0.0})
 ray_cache.start(memory_bytes=40 << 20, disk_bytes=256 << 20, disk_dir=os.path.join(d, "cache"))
-blobs = {}
-for i in range(3):
-    blobs[os.path.join(d, f"f{i}.bin")] = os.urandom(6 << 20)
-    open(os.path.join(d, f"f{i}.bin"), "wb").write(blobs[os.path.join(d, f"f{i}.bin")])
+blobs = {os.path.join(d, f"f{i}.bin"): os.urandom(6 << 20) for i in range(3)}
+for p, b in blobs.items():
+    open(p, "wb").write(b)
 hold, refused = [], None
 while refused is None:
     try:

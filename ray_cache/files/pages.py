@@ -337,26 +337,21 @@ class PageReader:
         if workers is None:  # a process without Ray: this node's workers' channels
             return self.channels.read(self, fs, reqs)
         got, _ = self._from_workers(fs, reqs, workers)
-        full = [r for r in reqs if got[r.key.digest] is _FULL]  # no room for the owner's answer
-        for r in full:
-            got[r.key.digest] = self._direct(fs, r, "fallback")
-        if full:
-            report_fallback(workers, "", len(full), sum(r.end - r.start for r in full))
+        dead: Dict[str, BaseException] = {}
         gone = [r for r in reqs if got[r.key.digest] is _GONE]
         if gone:  # a worker died or was replaced (same name, new actor): ask Ray again
             workers = self.workers(refresh=True) or []
-            dead: Dict[str, BaseException] = {}
             if workers:
                 again, dead = self._from_workers(fs, gone, workers)
                 got.update(again)
             for name, exc in dead.items():
                 warn_once(name, exc)
-            direct = [r for r in gone if got[r.key.digest] is _GONE]
-            for r in direct:  # still no answer: the store, counted and reported
-                got[r.key.digest] = self._direct(fs, r, "fallback")
-            if direct and workers:
-                report_fallback(workers, next(iter(dead), ""), len(direct),
-                                sum(r.end - r.start for r in direct))
+        # Still no answer, or no room in the object store for it: the store, counted and reported.
+        direct = [r for r in reqs if got[r.key.digest] is _GONE or got[r.key.digest] is _FULL]
+        for r in direct:
+            got[r.key.digest] = self._direct(fs, r, "fallback")
+        if direct and workers:
+            report_fallback(workers, next(iter(dead), ""), len(direct), sum(r.end - r.start for r in direct))
         return got
 
     def _from_workers(self, fs: Any, reqs: Sequence[PageRequest], workers: Sequence[WorkerRef]
