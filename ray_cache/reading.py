@@ -4,7 +4,8 @@ Resolves the arguments (each of Ray 2.60's, with Ray's meaning, or refused:
 :mod:`ray_cache.readers.arguments`), lists the objects with the reader's own rights
 (:mod:`ray_cache.store.access`), plans the units (:mod:`ray_cache.readers.datasource`) and
 returns the warm dataset when every unit is cached (:mod:`ray_cache.readers.fastpath`,
-:mod:`ray_cache.readers.nodecopies`), else read tasks.
+:mod:`ray_cache.readers.nodecopies`), else read tasks: on a cluster, each on the node of
+the worker owning its units (:mod:`ray_cache.readers.nodereads`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def read_parquet(
         the driver anyway); otherwise over copies made on each worker's node, owned by
         this driver, which survive a worker's death and are re-made if a node is lost,
         taken only when they fit in the object stores
-        (:mod:`ray_cache.readers.nodecopies`). ``False`` always plans read tasks.
+        (:mod:`ray_cache.readers.nodecopies`). ``False`` always plans read tasks. Read
+        tasks on a cluster run on their units' owners' nodes, every execution
+        (:mod:`ray_cache.readers.nodereads`), unless Ray's remote arguments are given.
     partitioning : ``ray.data.datasource.Partitioning``, ``"hive"`` or None
         As Ray's default: ``key=value`` folders in a file's path become string columns
         after the file's own (``columns`` may name them). A ``Partitioning`` with
@@ -164,7 +167,7 @@ def read_parquet(
     # rights proven for those kept
     objects = access.list_readable(fs, stripped, keep=chosen, missing_ok=ignore_missing_paths, skip=skip)
     workers = _workers()
-    from ray_cache.readers import fastpath, nodecopies
+    from ray_cache.readers import fastpath, nodecopies, nodereads
     from ray_cache.readers.datasource import CachedParquetDatasource, ReadOptions  # imports Ray Data
 
     if columns is not None:  # as Ray: columns= keeps the columns it adds (select_columns does not)
@@ -183,6 +186,10 @@ def read_parquet(
             warm = nodecopies.plan(fs, source.requests, workers)
     if warm is not None:
         return warm
+    if zero_copy is not True and not kwargs and override_num_blocks is None:
+        pinned = nodereads.plan(source, workers)  # on a cluster: each read on its owner's node
+        if pinned is not None:
+            return pinned
     # One read task per unit by default: asking Ray Data for more blocks than tasks makes
     # it split every block (a copy) after the read.
     blocks = override_num_blocks or max(1, source.num_units)

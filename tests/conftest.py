@@ -217,3 +217,33 @@ def expected_rows(fs, paths):
     import pyarrow as pa
 
     return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in paths]).sort_by("id")
+
+
+def owner_nodes(fs, paths, columns=None):
+    """Node id of the live worker that owns each file's units, by file name (one unit per
+    file: the datasets here have one row group per file)."""
+    from ray_cache.cluster import hashing, membership
+    from ray_cache.readers.datasource import CachedParquetDatasource
+
+    workers = membership.live_workers()
+    names = [w.name for w in workers]
+    source = CachedParquetDatasource(fs, ray_cache.store.underfs.list_objects(fs, paths), workers, columns=columns)
+    return {r.obj.path.split("/")[-1]: workers[hashing.owner(r.key.digest, names)].node_id
+            for r in source.requests}
+
+
+def write_spread_dataset(fs, prefix: str, files: int, **kwargs):
+    """``write_dataset`` under ``prefix/<n>``, the first ``n`` whose units are owned by every
+    live worker: rendezvous hashing of a few keys gives all of them to one worker now and
+    then (6 files on 2 workers: 1 run in 32), which a test of spread must not depend on.
+    Returns that prefix and the paths."""
+    from ray_cache.cluster import membership
+
+    want = len({w.node_id for w in membership.live_workers()})
+    for n in range(16):
+        sub = f"{prefix}/{n}"
+        paths = write_dataset(fs, sub, files=files, **kwargs)
+        if len(set(owner_nodes(fs, paths).values())) == want:
+            return sub, paths
+        fs.rm(sub, recursive=True)
+    raise AssertionError(f"no spread of {files} files over {want} nodes in 16 tries")

@@ -15,7 +15,8 @@ import ray_cache
 from ray_cache.cluster import hashing, routing, membership
 from ray_cache.readers.datasource import CachedParquetDatasource
 from ray_cache.testing import CountingProxy
-from conftest import BUCKET, expected_rows, fresh_cache, gpu_node_ids, data_gets, read_all, write_dataset
+from conftest import (BUCKET, data_gets, expected_rows, fresh_cache, gpu_node_ids, owner_nodes, read_all,
+                      write_dataset, write_spread_dataset)
 from ray_cache.testing import s3_data_gets
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def test_workers_go_to_gpu_nodes_and_new_nodes_join(gpu_nodes, tmp_path, s3fs_di
 
 def test_warm_cluster_read_sends_no_data_request(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     fresh_cache(tmp_path)
-    paths = write_dataset(s3fs_direct, prefix, files=6, rows=10_000, rg_rows=10_000)
+    prefix, paths = write_spread_dataset(s3fs_direct, prefix, files=6, rows=10_000, rg_rows=10_000)
     want = expected_rows(s3fs_direct, paths)
     assert read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)).equals(want)
     per_worker = [w["misses"] for w in ray_cache.status().workers]
@@ -92,13 +93,17 @@ def test_leave_refetches_at_most_what_the_node_held(gpu_nodes, ray_cluster, tmp_
     assert _fetched_bytes(proxy) <= held[leaving_id] * 1.05 + 64 * 1024
 
 
-def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, prefix):
+@pytest.mark.parametrize("zero_copy", ["auto", False])
+def test_node_removed_mid_epoch_costs_no_error_and_no_wrong_row(
+        gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, prefix, zero_copy):
+    """Warm copies ("auto"), or read tasks pinned to the owners' nodes (False): a node
+    removed mid-epoch costs no error and no wrong row (its pinned reads run elsewhere)."""
     _, added = gpu_nodes
     fresh_cache(tmp_path)
     paths = write_dataset(s3fs_direct, prefix, files=12, rows=4_000, rg_rows=2_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))  # warm the cache
-    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)  # multi-node: read tasks
+    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied, zero_copy=zero_copy)
     import pyarrow as pa
 
     seen = []
@@ -222,7 +227,7 @@ def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
 def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
     """A warm cache of ``files`` units (blocks big enough to live in the object store, not
     inlined), and a dataset over the copies made on the owners' nodes, waited for."""
-    paths = write_dataset(s3fs_direct, prefix, files=files, rows=30_000, rg_rows=30_000)
+    prefix, paths = write_spread_dataset(s3fs_direct, prefix, files=files, rows=30_000, rg_rows=30_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
     ray.get([w.handle.flush.remote() for w in membership.live_workers()], timeout=60)
@@ -234,21 +239,12 @@ def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
     return paths, ds, refs
 
 
-def _owner_nodes(fs, paths):
-    """Node id of the worker that owns each file's unit."""
-    workers = membership.live_workers()
-    names = [w.name for w in workers]
-    source = CachedParquetDatasource(fs, ray_cache.store.underfs.list_objects(fs, paths), workers)
-    return {r.obj.path.split("/")[-1]: workers[hashing.owner(r.key.digest, names)].node_id
-            for r in source.requests}
-
-
 def test_warm_read_off_the_cache_nodes_is_copies_on_their_owners_nodes(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     fresh_cache(tmp_path)
     assert ray.get_runtime_context().get_node_id() not in gpu_node_ids(), "driver off the cache nodes"
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
-    owner_of = _owner_nodes(s3fs_direct, paths)
+    owner_of = owner_nodes(s3fs_direct, paths)
     assert len(set(owner_of.values())) == 2, "units on both workers"
     where = ray.experimental.get_object_locations(refs)
     for ref in refs:
@@ -256,6 +252,53 @@ def test_warm_read_off_the_cache_nodes_is_copies_on_their_owners_nodes(
         assert where[ref]["node_ids"] == list({owner_of[f] for f in files}), "one node: its units' owner"
     assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
     assert data_gets(proxy) == [], "warm: the copies sent nothing to the store"
+
+
+def test_a_cold_read_off_the_cache_nodes_runs_on_its_owners_nodes_at_every_execution(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    """Read tasks pinned per owner node: the cold execution fetches each unit once, and the
+    next execution of the same dataset (Ray Train's next epoch) reads every unit warm,
+    its blocks again made on their owner's node."""
+    fresh_cache(tmp_path)
+    assert ray.get_runtime_context().get_node_id() not in gpu_node_ids(), "driver off the cache nodes"
+    prefix, paths = write_spread_dataset(s3fs_direct, prefix, files=6, rows=30_000, rg_rows=30_000)
+    owner_of = owner_nodes(s3fs_direct, paths)
+    assert len(set(owner_of.values())) == 2, "units on both workers"
+    proxy.reset()
+    ds = ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)  # cold
+    for execution in ("cold", "warm"):
+        refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+        assert len(refs) == len(paths), "one block per unit"
+        where = ray.experimental.get_object_locations(refs)
+        for ref in refs:
+            files = {f"part-{i // 30_000:03d}.parquet" for i in ray.get(ref)["id"].to_pylist()}
+            assert where[ref]["node_ids"] == list({owner_of[f] for f in files}), (
+                f"{execution}: a block is made on its unit's owner's node")
+        import pyarrow as pa
+
+        assert pa.concat_tables(ray.get(refs)).sort_by("id").equals(expected_rows(s3fs_direct, paths))
+        fetched = sorted(r["path"].split("?")[0].split("/")[-1] for r in data_gets(proxy))
+        assert fetched == (sorted(owner_of) if execution == "cold" else []), (
+            f"{execution}: each unit fetched once, cold; nothing warm")
+        proxy.reset()
+
+
+def test_preserve_order_off_the_cache_nodes_gives_file_order_cold_and_warm(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, prefix):
+    """With Ray Data's ``preserve_order``, rows come in file order on a cluster too: the cold
+    read keeps Ray's one read (no per-node union) and the warm copies are in file order."""
+    fresh_cache(tmp_path)
+    prefix, paths = write_spread_dataset(s3fs_direct, prefix, files=6, rows=30_000, rg_rows=30_000)
+    want = expected_rows(s3fs_direct, paths)
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        for execution in ("cold", "warm"):
+            ds = ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied)
+            assert read_all(ds, sort=False).equals(want), f"{execution}: file order"
+    finally:
+        ctx.execution_options.preserve_order = old
 
 
 def test_worker_killed_after_the_copies_costs_nothing(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
@@ -280,7 +323,7 @@ def test_node_lost_after_the_copies_remakes_its_share_from_the_store_counted(
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=8)
     leaving = added[0]
     leaving_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == leaving.node_manager_port)
-    lost = [p for p, node in _owner_nodes(s3fs_direct, paths).items() if node == leaving_id]
+    lost = [p for p, node in owner_nodes(s3fs_direct, paths).items() if node == leaving_id]
     assert lost, "the leaving node held copies"
     proxy.reset()
     ray_cluster.remove_node(leaving)

@@ -1,10 +1,11 @@
 """Ray Train on a cluster shaped as users deploy it: the driver (and the trainer's
 controller) on a head node without GPUs, two training workers on the two GPU nodes that
-run the cache workers, a warm cache.
+run the cache workers; one dataset read from a warm cache, one from a cold one.
 
-Each epoch must see every row exactly once across the workers and send nothing to the
-store; each worker's shard must come from blocks on its own node as far as the equal
-split allows (Ray Train's ``DataConfig`` passes the workers' nodes as locality hints).
+Each epoch must see every row exactly once across the workers; a warm dataset sends nothing
+to the store and a cold one each unit once (its first epoch), however many epochs run; each
+worker's shard must come from blocks on its own node as far as the equal split allows (Ray
+Train's ``DataConfig`` passes the workers' nodes as locality hints).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ FILES, ROWS, EPOCHS = 6, 20_000, 2
 
 
 def make_train_loop():
-    """Per worker: ``EPOCHS`` epochs of ``iter_torch_batches`` (ids saved per epoch), then one
-    more epoch read block by block, asking Ray where each block lives (bytes local/total)."""
+    """Per worker and dataset: ``EPOCHS`` epochs of ``iter_torch_batches`` (ids saved per
+    epoch), then one more epoch read block by block, asking Ray where each block lives."""
 
     def train_loop(config: Dict[str, Any]) -> None:
         import numpy as np
@@ -39,49 +40,61 @@ def make_train_loop():
 
         rank = ray.train.get_context().get_world_rank()
         here = ray.get_runtime_context().get_node_id()
-        shard = ray.train.get_dataset_shard("train")
+        shards = {name: ray.train.get_dataset_shard(name) for name in config["datasets"]}
         for epoch in range(config["epochs"]):
-            ids = [b["id"].numpy() for b in shard.iter_torch_batches(batch_size=1_000)]
-            np.save(os.path.join(config["out"], f"e{epoch}-r{rank}.npy"), np.concatenate(ids))
-        local = total = rows = 0
-        bundles, _, _ = shard._to_ref_bundle_iterator()
-        for bundle in bundles:
-            refs = list(bundle.block_refs)
-            where = ray.experimental.get_object_locations(refs)
-            for ref, block in zip(refs, ray.get(refs)):
-                total += block.num_rows
-                local += block.num_rows if here in where[ref]["node_ids"] else 0
-        with open(os.path.join(config["out"], f"where-r{rank}.json"), "w") as fh:
-            json.dump({"node": here, "local_rows": local, "rows": total}, fh)
+            for name, shard in shards.items():
+                ids = [b["id"].numpy() for b in shard.iter_torch_batches(batch_size=1_000)]
+                np.save(os.path.join(config["out"], f"{name}-e{epoch}-r{rank}.npy"), np.concatenate(ids))
+        for name, shard in shards.items():
+            local = total = 0
+            bundles, _, _ = shard._to_ref_bundle_iterator()
+            for bundle in bundles:
+                refs = list(bundle.block_refs)
+                where = ray.experimental.get_object_locations(refs)
+                for ref, block in zip(refs, ray.get(refs)):
+                    total += block.num_rows
+                    local += block.num_rows if here in where[ref]["node_ids"] else 0
+            with open(os.path.join(config["out"], f"{name}-where-r{rank}.json"), "w") as fh:
+                json.dump({"node": here, "local_rows": local, "rows": total}, fh)
 
     return train_loop
 
 
+def _own_rows(fs, paths, columns):
+    """Rows of ``paths`` owned by each node's worker."""
+    workers = membership.live_workers()
+    names = [w.name for w in workers]
+    source = CachedParquetDatasource(fs, ray_cache.store.underfs.list_objects(fs, paths), workers, columns=columns)
+    own = {w.node_id: 0 for w in workers}
+    for r in source.requests:
+        own[workers[hashing.owner(r.key.digest, names)].node_id] += r.unit.num_rows
+    return own
+
+
 def test_torch_trainer_on_the_gpu_nodes_reads_its_own_nodes_blocks_every_row_once(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    """Two datasets in one run: ``warm`` (cached before the run: node copies) and ``cold``
+    (nothing cached: read tasks on the owners' nodes, re-run every epoch). Both: every row
+    once per epoch, each worker's rows from its own node as far as the split allows; the
+    cold one fetches each unit once over all epochs (its later epochs are warm)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fresh_cache(tmp_path / "cache")
-    paths = write_dataset(s3fs_direct, prefix, files=FILES, rows=ROWS, rg_rows=ROWS)
-    url = f"s3://{prefix}/"
     columns = ["id", "x", "label"]  # numeric: what iter_torch_batches turns into tensors
-    read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied, columns=columns))  # warm
-    workers = membership.live_workers()
-    names = [w.name for w in workers]
-    source = CachedParquetDatasource(s3fs_proxied, ray_cache.store.underfs.list_objects(s3fs_proxied, paths),
-                                     workers, columns=columns)
-    own_rows = {w.node_id: 0 for w in workers}  # rows each node's worker owns
-    for r in source.requests:
-        own_rows[workers[hashing.owner(r.key.digest, names)].node_id] += r.unit.num_rows
+    paths = {name: write_dataset(s3fs_direct, f"{prefix}/{name}", files=FILES, rows=ROWS, rg_rows=ROWS)
+             for name in ("warm", "cold")}
+    read_all(ray_cache.read_parquet(f"s3://{prefix}/warm/", filesystem=s3fs_proxied, columns=columns))
+    own_rows = {name: _own_rows(s3fs_proxied, p, columns) for name, p in paths.items()}
     proxy.reset()
-    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied, columns=columns)
+    datasets = {name: ray_cache.read_parquet(f"s3://{prefix}/{name}/", filesystem=s3fs_proxied, columns=columns)
+                for name in paths}
     out = tmp_path / "seen"
     out.mkdir()
     trainer = TorchTrainer(
         make_train_loop(),
-        train_loop_config={"out": str(out), "epochs": EPOCHS},
-        datasets={"train": ds},
+        train_loop_config={"out": str(out), "epochs": EPOCHS, "datasets": list(datasets)},
+        datasets=datasets,
         # One worker per GPU node: each asks for that node's slot (the GPUs are declared, not real).
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
                                      resources_per_worker={"CPU": 0.5, "gpu_node_slot": 1}),
@@ -90,18 +103,22 @@ def test_torch_trainer_on_the_gpu_nodes_reads_its_own_nodes_blocks_every_row_onc
     trainer.fit()
 
     everything = np.arange(FILES * ROWS)
-    for epoch in range(EPOCHS):
-        seen = [np.load(out / f"e{epoch}-r{rank}.npy") for rank in (0, 1)]
-        assert len(seen[0]) == len(seen[1]) == FILES * ROWS // 2, "equal shards"
-        assert np.array_equal(np.sort(np.concatenate(seen)), everything), f"epoch {epoch}: every row once"
-    assert data_gets(proxy) == [], "warm: no epoch sent a data request to the store"
-    where = [json.loads((out / f"where-r{rank}.json").read_text()) for rank in (0, 1)]
-    assert {w["node"] for w in where} == gpu_node_ids(), "one training worker on each GPU node"
-    for w in where:
-        # The equal split may hand a worker another node's rows only where its own node
-        # holds fewer than its share.
-        allowed_remote = max(0, FILES * ROWS // 2 - own_rows[w["node"]])
-        assert w["rows"] == FILES * ROWS // 2
-        assert w["rows"] - w["local_rows"] <= allowed_remote, (
-            f"worker on {w['node'][:8]}: {w['rows'] - w['local_rows']} rows from another node, "
-            f"the split forces at most {allowed_remote}")
+    for name in datasets:
+        for epoch in range(EPOCHS):
+            seen = [np.load(out / f"{name}-e{epoch}-r{rank}.npy") for rank in (0, 1)]
+            assert len(seen[0]) == len(seen[1]) == FILES * ROWS // 2, f"{name}: equal shards"
+            assert np.array_equal(np.sort(np.concatenate(seen)), everything), f"{name} epoch {epoch}: every row once"
+    fetched = sorted(r["path"].split("?")[0] for r in data_gets(proxy))
+    assert fetched == sorted(f"/{p}" for p in paths["cold"]), (
+        "the warm dataset sent nothing to the store, the cold one each unit once: its later epochs were warm")
+    for name in datasets:
+        where = [json.loads((out / f"{name}-where-r{rank}.json").read_text()) for rank in (0, 1)]
+        assert {w["node"] for w in where} == gpu_node_ids(), "one training worker on each GPU node"
+        for w in where:
+            # The equal split may hand a worker another node's rows only where its own node
+            # holds fewer than its share.
+            allowed_remote = max(0, FILES * ROWS // 2 - own_rows[name][w["node"]])
+            assert w["rows"] == FILES * ROWS // 2
+            assert w["rows"] - w["local_rows"] <= allowed_remote, (
+                f"{name}: worker on {w['node'][:8]}: {w['rows'] - w['local_rows']} rows from another node, "
+                f"the split forces at most {allowed_remote}")

@@ -12,7 +12,7 @@ import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 from ray.data import ReadTask
@@ -23,7 +23,7 @@ from ray_cache.cluster import routing
 from ray_cache.store import fetch, parquet
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import UNIT_TARGET_BYTES
-from ray_cache.readers import pushdown, shaping, tensors
+from ray_cache.readers import nodereads, pushdown, shaping, tensors
 from ray_cache.readers.arguments import file_order
 from ray_cache.store.fetch import UnitRequest
 from ray_cache.store.keys import StoreObject
@@ -128,6 +128,7 @@ class CachedParquetDatasource(Datasource):
         options: Optional[ReadOptions] = None,
         predicate: Any = None,
         executions: Optional[List[int]] = None,
+        only: Optional[FrozenSet[Any]] = None,
     ) -> None:
         super().__init__()
         opts = options or ReadOptions(tuple(columns) if columns is not None else None, partitioning,
@@ -140,6 +141,8 @@ class CachedParquetDatasource(Datasource):
         self._predicate_expr = predicate
         #: Executions so far, shared with pushed-down copies (a shuffle's order per execution).
         self._executions = executions if executions is not None else [0]
+        #: The units this source reads, by :func:`ray_cache.readers.nodereads.unit_id` (None: all).
+        self._only = only
         self._columns = list(opts.columns) if opts.columns is not None else None
         read_cols = self._columns
         if read_cols is not None and predicate is not None:  # the filter's columns are read too
@@ -186,6 +189,8 @@ class CachedParquetDatasource(Datasource):
             units = parquet.plan_units(meta, opts.unit_bytes)
             if self._predicate_expr is not None:  # only row groups the statistics allow
                 units = pushdown.matching_units(self._predicate_expr, meta, units, schema, parts)
+            if self._only is not None:
+                units = [u for u in units if nodereads.unit_id(obj, u) in self._only]
             for req in fetch.unit_requests(obj, footer, meta, parts, key_columns, decode, units=units):
                 self._requests.append(req)
                 self._row_starts.append(starts[req.unit.start])
@@ -243,9 +248,22 @@ class CachedParquetDatasource(Datasource):
     def _copy(self, columns: Optional[Tuple[str, ...]], predicate: Any) -> "CachedParquetDatasource":
         clone = CachedParquetDatasource(self._fs, self._objects, self._workers,
                                         options=replace(self._opts, columns=columns),
-                                        predicate=predicate, executions=self._executions)
+                                        predicate=predicate, executions=self._executions, only=self._only)
         clone._projection_map = None if columns is None else {c: c for c in columns}
         return clone
+
+    def restricted(self, ids: Sequence[Any]) -> "CachedParquetDatasource":
+        """This source over the units named in ``ids`` only (kept through Ray's pushdown)."""
+        only = frozenset(ids) if self._only is None else self._only & frozenset(ids)
+        clone = CachedParquetDatasource(self._fs, self._objects, self._workers, options=self._opts,
+                                        predicate=self._predicate_expr, executions=self._executions, only=only)
+        clone._projection_map = self._projection_map
+        return clone
+
+    @property
+    def shuffled(self) -> bool:
+        """Whether files are read in a new order at every execution (Ray's file shuffle)."""
+        return self._opts.shuffle is not None
 
     @property
     def requests(self) -> List[UnitRequest]:

@@ -24,7 +24,8 @@ the dataset (and every dataset derived from it) is dropped.
 
 Block order: blocks are dealt round-robin over the nodes that hold them (file order within
 a node), so a split's consumers find blocks of their own node all along; Ray Data does not
-promise file order across read tasks either.
+promise file order across read tasks either. With Ray Data's ``preserve_order`` set when
+the dataset is made, blocks are in file order, as Ray's own read gives them.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
             out = _copy_task.options(num_returns=len(chunk), scheduling_strategy=node).remote(
                 fs, [requests[i] for i in chunk], workers)
             refs.update(zip(chunk, [out] if len(chunk) == 1 else out))
-    order = _round_robin([by_owner[o] for o in sorted(by_owner)])
+    if ray.data.DataContext.get_current().execution_options.preserve_order:
+        order = list(range(len(requests)))
+    else:
+        order = _round_robin([by_owner[o] for o in sorted(by_owner)])
     return dataset_from_refs([refs[i] for i in order], [metas[i] for i in order])
 
 
