@@ -301,6 +301,53 @@ def test_preserve_order_off_the_cache_nodes_gives_file_order_cold_and_warm(
         ctx.execution_options.preserve_order = old
 
 
+def test_copy_tasks_run_one_chain_per_cpu_of_their_node(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, monkeypatch):
+    """One copy task per unit (``TASK_BYTES`` tiny): on a node of one CPU they still run one
+    at a time, each after the one before (copy tasks take no CPU, and unchained Ray would
+    start a worker process for each of them at once)."""
+    from ray_cache.readers import nodecopies
+
+    @ray.remote(num_cpus=0)
+    class Gauge:
+        def __init__(self):
+            self.now, self.most = {}, {}
+
+        def enter(self, node):
+            self.now[node] = self.now.get(node, 0) + 1
+            self.most[node] = max(self.most.get(node, 0), self.now[node])
+
+        def leave(self, node):
+            self.now[node] -= 1
+
+        def peak(self):
+            return self.most
+
+    gauge = Gauge.remote()
+    copy_here = nodecopies._copy_here
+
+    def counted(*args):
+        import time
+
+        node = ray.get_runtime_context().get_node_id()
+        ray.get(gauge.enter.remote(node))
+        try:
+            time.sleep(0.5)  # a slow copy: long enough for Ray to start other tasks beside it
+            return copy_here(*args)
+        finally:
+            ray.get(gauge.leave.remote(node))
+
+    fresh_cache(tmp_path)
+    paths, _, _ = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=8)
+    monkeypatch.setattr(nodecopies, "TASK_BYTES", 1)
+    monkeypatch.setattr(nodecopies, "_copy_task", ray.remote(num_cpus=0, max_retries=3)(counted))
+    ds = ray_cache.read_parquet(f"s3://{paths[0].rsplit('/', 1)[0]}/", filesystem=s3fs_proxied)
+    assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
+    peak = ray.get(gauge.peak.remote())
+    assert set(peak) == gpu_node_ids() and all(v == 1 for v in peak.values()), (
+        f"copy tasks at once per node (one CPU each): {peak}")
+
+
 def test_worker_killed_after_the_copies_costs_nothing(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     fresh_cache(tmp_path)
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
