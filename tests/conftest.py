@@ -124,8 +124,12 @@ def write_dataset(fs, prefix: str, files: int = 3, rows: int = 20_000, rg_rows: 
     return paths
 
 
-def data_gets(proxy: CountingProxy) -> list:
-    return s3_data_gets(proxy.requests(), BUCKET)
+def data_gets(proxy: CountingProxy, under: str = "") -> list:
+    """The object data GETs that reached the store, those of keys under ``under`` only if
+    given: a test that removes a node counts its own objects alone, since Ray re-makes
+    whatever lost blocks earlier tests' datasets still hold references to."""
+    gets = s3_data_gets(proxy.requests(), BUCKET)
+    return [r for r in gets if r["path"].split("?")[0].startswith(f"/{under}/")] if under else gets
 
 
 def read_all(ds, sort: bool = True) -> pa.Table:
@@ -219,17 +223,22 @@ def expected_rows(fs, paths):
     return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in paths]).sort_by("id")
 
 
-def owner_nodes(fs, paths, columns=None):
-    """Node id of the live worker that owns each file's units, by file name (one unit per
-    file: the datasets here have one row group per file)."""
+def _units(fs, paths, columns=None):
+    """(file name, owner's node id, rows) of each planned unit, in the datasource's order."""
     from ray_cache.cluster import hashing, membership
     from ray_cache.readers.datasource import CachedParquetDatasource
 
     workers = membership.live_workers()
     names = [w.name for w in workers]
     source = CachedParquetDatasource(fs, ray_cache.store.underfs.list_objects(fs, paths), workers, columns=columns)
-    return {r.obj.path.split("/")[-1]: workers[hashing.owner(r.key.digest, names)].node_id
-            for r in source.requests}
+    return [(r.obj.path.split("/")[-1], workers[hashing.owner(r.key.digest, names)].node_id, r.unit.num_rows)
+            for r in source.requests]
+
+
+def owner_nodes(fs, paths, columns=None):
+    """Node id of the live worker that owns each file's units, by file name (one unit per
+    file: the datasets here have one row group per file)."""
+    return {name: node for name, node, _ in _units(fs, paths, columns)}
 
 
 def write_spread_dataset(fs, prefix: str, files: int, **kwargs):
@@ -247,3 +256,16 @@ def write_spread_dataset(fs, prefix: str, files: int, **kwargs):
             return sub, paths
         fs.rm(sub, recursive=True)
     raise AssertionError(f"no spread of {files} files over {want} nodes in 16 tries")
+
+
+def home_nodes(fs, paths, columns=None):
+    """Node id where each file's block is made on a cluster read (its owner's, evened out by
+    rows: ``ray_cache.readers.placement``), by file name."""
+    from ray_cache.readers import placement
+
+    from ray_cache.cluster import membership
+
+    units = _units(fs, paths, columns)
+    homes = placement.homes([rows for _, _, rows in units], [node for _, node, _ in units],
+                            [w.node_id for w in membership.live_workers()])
+    return {units[i][0]: node for node, idx in homes.items() for i in idx}

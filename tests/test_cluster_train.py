@@ -4,8 +4,9 @@ run the cache workers; one dataset read from a warm cache, one from a cold one.
 
 Each epoch must see every row exactly once across the workers; a warm dataset sends nothing
 to the store and a cold one each unit once (its first epoch), however many epochs run; each
-worker's shard must come from blocks on its own node as far as the equal split allows (Ray
-Train's ``DataConfig`` passes the workers' nodes as locality hints).
+worker's shard must come from blocks on its own node, every row of it: blocks are made on
+their owners' nodes evened out by rows, and Ray Train's ``DataConfig`` passes the workers'
+nodes to the split as locality hints.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import pytest
 import ray
 
 import ray_cache
-from ray_cache.cluster import hashing, membership
-from ray_cache.readers.datasource import CachedParquetDatasource
-from conftest import data_gets, fresh_cache, gpu_node_ids, read_all, write_dataset
+from conftest import data_gets, fresh_cache, gpu_node_ids, home_nodes, read_all, write_dataset
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("torch")
@@ -60,15 +59,10 @@ def make_train_loop():
     return train_loop
 
 
-def _own_rows(fs, paths, columns):
-    """Rows of ``paths`` owned by each node's worker."""
-    workers = membership.live_workers()
-    names = [w.name for w in workers]
-    source = CachedParquetDatasource(fs, ray_cache.store.underfs.list_objects(fs, paths), workers, columns=columns)
-    own = {w.node_id: 0 for w in workers}
-    for r in source.requests:
-        own[workers[hashing.owner(r.key.digest, names)].node_id] += r.unit.num_rows
-    return own
+def _home_rows(fs, paths, columns):
+    """Rows of ``paths`` whose blocks are made on each node (owners' nodes, evened out)."""
+    home = home_nodes(fs, paths, columns)
+    return {node: ROWS * list(home.values()).count(node) for node in gpu_node_ids()}
 
 
 def test_torch_trainer_on_the_gpu_nodes_reads_its_own_nodes_blocks_every_row_once(
@@ -85,7 +79,7 @@ def test_torch_trainer_on_the_gpu_nodes_reads_its_own_nodes_blocks_every_row_onc
     paths = {name: write_dataset(s3fs_direct, f"{prefix}/{name}", files=FILES, rows=ROWS, rg_rows=ROWS)
              for name in ("warm", "cold")}
     read_all(ray_cache.read_parquet(f"s3://{prefix}/warm/", filesystem=s3fs_proxied, columns=columns))
-    own_rows = {name: _own_rows(s3fs_proxied, p, columns) for name, p in paths.items()}
+    own_rows = {name: _home_rows(s3fs_proxied, p, columns) for name, p in paths.items()}
     proxy.reset()
     datasets = {name: ray_cache.read_parquet(f"s3://{prefix}/{name}/", filesystem=s3fs_proxied, columns=columns)
                 for name in paths}
@@ -114,11 +108,9 @@ def test_torch_trainer_on_the_gpu_nodes_reads_its_own_nodes_blocks_every_row_onc
     for name in datasets:
         where = [json.loads((out / f"{name}-where-r{rank}.json").read_text()) for rank in (0, 1)]
         assert {w["node"] for w in where} == gpu_node_ids(), "one training worker on each GPU node"
+        # Blocks are evened out over the nodes (whatever hashing gave each worker), so the
+        # equal split forces no worker to take another node's rows.
+        assert own_rows[name] == {n: FILES * ROWS // 2 for n in gpu_node_ids()}, f"{name}: evened out"
         for w in where:
-            # The equal split may hand a worker another node's rows only where its own node
-            # holds fewer than its share.
-            allowed_remote = max(0, FILES * ROWS // 2 - own_rows[name][w["node"]])
-            assert w["rows"] == FILES * ROWS // 2
-            assert w["rows"] - w["local_rows"] <= allowed_remote, (
-                f"{name}: worker on {w['node'][:8]}: {w['rows'] - w['local_rows']} rows from another node, "
-                f"the split forces at most {allowed_remote}")
+            assert w["local_rows"] == w["rows"] == FILES * ROWS // 2, (
+                f"{name}: worker on {w['node'][:8]}: {w['rows'] - w['local_rows']} rows from another node")

@@ -19,6 +19,7 @@ from ray_cache.config import validate_capacity
 from ray_cache.files import pages
 from ray_cache.files.fs import CacheFileSystem
 from ray_cache.node.entries import matches
+from ray_cache.readers import placement
 from ray_cache.readers.arguments import check_read_args
 from ray_cache.store.underfs import list_objects, resolve_filesystem
 
@@ -81,6 +82,31 @@ def test_read_arguments_are_passed_on_refused_or_a_type_error_never_ignored(kwar
         assert first[1] in str(exc.value)
     else:
         assert check_read_args(kwargs) == {k: v for k, v in kwargs.items() if k in PASSED_ON}
+
+
+@quick
+@given(st.lists(st.tuples(st.integers(1, 1000), st.sampled_from("abcd")), max_size=40),
+       st.sets(st.sampled_from("abcde")))
+def test_homes_place_every_unit_once_and_even_the_nodes_out_moving_only_what_they_must(units, extra):
+    rows, owners = [r for r, _ in units], [o for _, o in units]
+    nodes = sorted(set(owners) | extra)
+    homes = placement.homes(rows, owners, nodes)
+    assert sorted(i for idx in homes.values() for i in idx) == list(range(len(units))), "each unit once"
+    assert set(homes) <= set(nodes)
+    load = {n: sum(rows[i] for i in homes.get(n, [])) for n in nodes}
+    own = {n: sum(r for r, o in units if o == n) for n in nodes}
+    if units:
+        most, least = max(load.values()), min(load.values())
+        assert most - least <= max(rows), "even, to within one unit"
+        took = {n for n, idx in homes.items() if any(owners[i] != n for i in idx)}
+        assert not any(0 < rows[i] < most - least for n in nodes if load[n] == most and n not in took
+                       for i in homes.get(n, [])), "no move of its own units narrows it more"
+        if max(own.values()) - min(own.values()) <= min(rows):
+            assert load == own, "already even: nothing moves"
+    for n, idx in homes.items():
+        kept = [i for i in idx if owners[i] == n]
+        assert idx[:len(kept)] == kept, "a node keeps its own units first, in order"
+        assert len(idx) == len(kept) or all(owners[i] != n for i in idx[len(kept):]), "moved once"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

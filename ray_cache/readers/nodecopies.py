@@ -5,7 +5,9 @@ Train's controller), a dataset over the workers' own object refs would fail as s
 worker died (``OwnerDiedError``: nothing in Ray Data catches it), and read tasks placed by
 Ray Data move most bytes across nodes and re-run every epoch. Instead, for each node one or
 a few copy tasks are pinned (softly) to it; each asks that node's worker for its units
-(:func:`ray_cache.cluster.routing.read_units`) and returns them. A value a task returns is
+(:func:`ray_cache.cluster.routing.read_units`) and returns them. (A node holding more than
+its even share of rows hands the fewest units it must to nodes holding less,
+:mod:`ray_cache.readers.placement`: their copies are made there from the owner's memory.) A value a task returns is
 stored on the node that ran it and owned by the caller, so:
 
 - the blocks sit on their owners' nodes, and Ray knows where (``streaming_split``'s
@@ -39,6 +41,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray_cache.cluster import hashing, membership, routing
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
+from ray_cache.readers import placement
 
 #: Share of a node's object store that the memory tier and the copies may take together.
 COPY_FRACTION = 0.7
@@ -112,23 +115,29 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
     except Exception:  # noqa: BLE001 - any doubt: read tasks, which fall back by themselves
         return None
     sizes = [int(m.size_bytes or 0) for m in metas]
+    owner_node = [""] * len(requests)
+    used_on: Dict[str, int] = {}
     for o, idx in by_owner.items():
-        room = COPY_FRACTION * capacity.get(workers[o].node_id, 0) - used[o]
-        if sum(sizes[i] for i in idx) > room:
+        used_on[workers[o].node_id] = used_on.get(workers[o].node_id, 0) + used[o]
+        for i in idx:
+            owner_node[i] = workers[o].node_id
+    home = placement.homes([r.unit.num_rows for r in requests], owner_node, [w.node_id for w in workers])
+    for node, idx in home.items():
+        if sum(sizes[i] for i in idx) > COPY_FRACTION * capacity.get(node, 0) - used_on.get(node, 0):
             return None
     refs: Dict[int, ray.ObjectRef] = {}
-    for o, idx in by_owner.items():
-        node = NodeAffinitySchedulingStrategy(workers[o].node_id, soft=True)
-        chains: List[Any] = [None] * max(1, min(CHAINS, cpus.get(workers[o].node_id, 1)))
-        for n, chunk in enumerate(_chunks(idx, sizes)):
+    for node, idx in home.items():
+        where = NodeAffinitySchedulingStrategy(node, soft=True)
+        chains: List[Any] = [None] * max(1, min(CHAINS, cpus.get(node, 1)))
+        for n, chunk in enumerate(_chunks(sorted(idx), sizes)):
             *out, chains[n % len(chains)] = _copy_task.options(
-                num_returns=len(chunk) + 1, scheduling_strategy=node).remote(
+                num_returns=len(chunk) + 1, scheduling_strategy=where).remote(
                 fs, [requests[i] for i in chunk], workers, chains[n % len(chains)])
             refs.update(zip(chunk, out))
     if ray.data.DataContext.get_current().execution_options.preserve_order:
         order = list(range(len(requests)))
     else:
-        order = _round_robin([by_owner[o] for o in sorted(by_owner)])
+        order = _round_robin([sorted(home[node]) for node in sorted(home)])
     return dataset_from_refs([refs[i] for i in order], [metas[i] for i in order])
 
 

@@ -10,7 +10,8 @@ joins them with ``union``:
 
 - each read task asks the worker on its own node (a warm unit is a same-node object-store
   read, a cold one a store fetch that also fills that worker's tiers), and its blocks are
-  made where the owner is, so ``streaming_split``'s locality hints (Ray Train passes them)
+  made where the owner is (but for the few units moved to even the nodes' rows,
+  :mod:`ray_cache.readers.placement`, read from their owner on another node), so ``streaming_split``'s locality hints (Ray Train passes them)
   match them;
 - **every execution is placed so**: Ray Train re-executes the dataset every epoch, and an
   epoch after a cold first one reads every unit warm, on its owner's node, with no store
@@ -44,6 +45,7 @@ import ray
 
 from ray_cache.cluster import hashing, membership
 from ray_cache.cluster.membership import WorkerRef
+from ray_cache.readers import placement
 from ray_cache.store.keys import StoreObject
 from ray_cache.store.parquet import Unit
 
@@ -54,12 +56,14 @@ ANYWHERE = [{"label_selector": {}}]
 
 
 def owners_by_node(source: Any, workers: Sequence[WorkerRef]) -> Dict[str, List[Any]]:
-    """The planned units of ``source`` (their ids), by the node of the worker owning each."""
+    """The planned units of ``source`` (their ids), by the node that reads each: its
+    owner's, evened out by rows (:func:`ray_cache.readers.placement.homes`)."""
     names = [w.name for w in workers]
-    out: Dict[str, List[Any]] = {}
-    for req in source.requests:
-        out.setdefault(workers[hashing.owner(req.key.digest, names)].node_id, []).append(unit_id(req.obj, req.unit))
-    return out
+    reqs = source.requests
+    home = placement.homes([r.unit.num_rows for r in reqs],
+                           [workers[hashing.owner(r.key.digest, names)].node_id for r in reqs],
+                           [w.node_id for w in workers])
+    return {node: [unit_id(reqs[i].obj, reqs[i].unit) for i in sorted(idx)] for node, idx in home.items()}
 
 
 def unit_id(obj: StoreObject, unit: Unit) -> Tuple[str, str, int]:
