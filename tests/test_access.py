@@ -29,7 +29,11 @@ from ray_cache.testing import S3Server
 from ray_cache.testing.s3server import OPENER
 
 BUCKET = "private-data"
-READ = ["s3:GetObject", "s3:ListBucket"]
+# AWS authorizes HeadObject as s3:GetObject and ListObjectsV2 as s3:ListBucket; moto 5.2.6
+# asks for actions named after the operations (s3:HeadObject, s3:ListObjectsV2), so each
+# right is granted under both names (an action AWS does not know grants nothing there).
+LIST = ["s3:ListBucket", "s3:ListObjectsV2"]
+READ = ["s3:GetObject", "s3:HeadObject", *LIST]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def secured():
             s3.put_object(Bucket=BUCKET, Key=f"table/part-{i}.parquet", Body=buf.getvalue())
             s3.put_object(Bucket=BUCKET, Key=f"files/img-{i}.bin", Body=rng.bytes(200_000))
         users = {}
-        for user, actions in (("alice", READ), ("bob", None), ("carol", ["s3:ListBucket"])):
+        for user, actions in (("alice", READ), ("bob", None), ("carol", LIST)):
             iam.create_user(UserName=user)
             if actions:
                 iam.put_user_policy(UserName=user, PolicyName="read", PolicyDocument=json.dumps({
