@@ -235,7 +235,7 @@ def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
     ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
     refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
     ready, _ = ray.wait(refs, num_returns=len(refs), fetch_local=False, timeout=120)
-    assert len(ready) == len(refs) == files, "a materialized dataset: one block per unit"
+    assert len(ready) == len(refs), "a materialized dataset"
     return paths, ds, refs
 
 
@@ -254,10 +254,11 @@ def test_warm_read_off_the_cache_nodes_is_copies_on_their_nodes_evened_out(
     assert ray.get_runtime_context().get_node_id() not in gpu_node_ids(), "driver off the cache nodes"
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
     home_of = _evened_out(s3fs_direct, paths)
+    assert len(refs) == 2, "one block per copy task: per node of one CPU, one"
     where = ray.experimental.get_object_locations(refs)
     for ref in refs:
         files = {f"part-{i // 30_000:03d}.parquet" for i in ray.get(ref)["id"].to_pylist()}
-        assert where[ref]["node_ids"] == list({home_of[f] for f in files}), "one node: its unit's home"
+        assert where[ref]["node_ids"] == list({home_of[f] for f in files}), "one node: its units' home"
     assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
     assert data_gets(proxy) == [], "warm: the copies sent nothing to the store"
 
