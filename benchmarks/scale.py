@@ -227,18 +227,14 @@ def split_allows(url: str, fs: Any, rows: int) -> Dict[str, float]:
     """For each cache node, the most an equal split can give its consumer from that node:
     the rows whose blocks are made there (the owners' nodes, evened out by rows:
     ``ray_cache.readers.placement``) over the consumer's share, capped at 1."""
-    from ray_cache.cluster import hashing
     from ray_cache.readers import placement
     from ray_cache.readers.datasource import CachedParquetDatasource
     from ray_cache.store import underfs
 
     workers = membership_workers()
-    names = [w.name for w in workers]
     objects = underfs.list_objects(fs, [url.split("://", 1)[1]], suffixes=(".parquet",))
     reqs = CachedParquetDatasource(fs, objects, workers).requests
-    homes = placement.homes([r.unit.num_rows for r in reqs],
-                            [workers[hashing.owner(r.key.digest, names)].node_id for r in reqs],
-                            [w.node_id for w in workers])
+    homes = placement.of(reqs, workers)
     share = rows / len(workers)
     return {w.node_id: min(1.0, sum(reqs[i].unit.num_rows for i in homes.get(w.node_id, [])) / share)
             for w in workers}

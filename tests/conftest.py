@@ -261,11 +261,11 @@ def write_spread_dataset(fs, prefix: str, files: int, **kwargs):
 def home_nodes(fs, paths, columns=None):
     """Node id where each file's block is made on a cluster read (its owner's, evened out by
     rows: ``ray_cache.readers.placement``), by file name."""
-    from ray_cache.readers import placement
-
     from ray_cache.cluster import membership
+    from ray_cache.readers import placement
+    from ray_cache.readers.datasource import CachedParquetDatasource
 
-    units = _units(fs, paths, columns)
-    homes = placement.homes([rows for _, _, rows in units], [node for _, node, _ in units],
-                            [w.node_id for w in membership.live_workers()])
-    return {units[i][0]: node for node, idx in homes.items() for i in idx}
+    workers = membership.live_workers()
+    reqs = CachedParquetDatasource(fs, ray_cache.store.underfs.list_objects(fs, paths), workers,
+                                   columns=columns).requests
+    return {reqs[i].obj.path.split("/")[-1]: node for node, idx in placement.of(reqs, workers).items() for i in idx}

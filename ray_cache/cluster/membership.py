@@ -50,6 +50,11 @@ def alive_nodes() -> List[Dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive") or n.get("alive")]
 
 
+def node_resources() -> Dict[str, Dict[str, float]]:
+    """Each alive node's total resources (``CPU``, ``object_store_memory``, ...), by node id."""
+    return {n["NodeID"]: dict(n.get("Resources") or {}) for n in alive_nodes()}
+
+
 def cache_nodes(nodes: str = "auto", alive: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     """Alive nodes that should hold a worker (``alive``: :func:`alive_nodes`, if known).
 

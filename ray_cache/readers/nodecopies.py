@@ -97,13 +97,6 @@ def _joined(metas: Sequence[Any]) -> Any:
                                input_files=tuple(dict.fromkeys(files)) or None)
 
 
-def _capacities() -> Tuple[Dict[str, int], Dict[str, int]]:
-    """Each alive node's object store bytes and CPUs, by node id."""
-    nodes = membership.alive_nodes()
-    return ({n["NodeID"]: int(n.get("Resources", {}).get("object_store_memory", 0)) for n in nodes},
-            {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 0)) for n in nodes})
-
-
 def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Optional["ray.data.Dataset"]:
     """A materialized dataset over node-local copies, or None where the path does not apply.
 
@@ -128,19 +121,17 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
                 if meta is None:
                     return None
                 metas[i] = meta
-        capacity, cpus = _capacities()
+        resources = membership.node_resources()
     except Exception:  # noqa: BLE001 - any doubt: read tasks, which fall back by themselves
         return None
     sizes = [int(m.size_bytes or 0) for m in metas]
-    owner_node = [""] * len(requests)
     used_on: Dict[str, int] = {}
-    for o, idx in by_owner.items():
+    for o in by_owner:
         used_on[workers[o].node_id] = used_on.get(workers[o].node_id, 0) + used[o]
-        for i in idx:
-            owner_node[i] = workers[o].node_id
-    home = placement.homes([r.unit.num_rows for r in requests], owner_node, [w.node_id for w in workers])
+    home = placement.of(requests, workers)
     for node, idx in home.items():
-        if sum(sizes[i] for i in idx) > COPY_FRACTION * capacity.get(node, 0) - used_on.get(node, 0):
+        room = COPY_FRACTION * resources.get(node, {}).get("object_store_memory", 0) - used_on.get(node, 0)
+        if sum(sizes[i] for i in idx) > room:
             return None
     # File order (one block per unit) where Ray Data is asked to keep order; otherwise one
     # block per copy task: Ray Data pays per block it iterates (24 blocks of 2.8 MB took
@@ -150,7 +141,7 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
     blocks: Dict[str, List[Tuple[int, Any, Any]]] = {}  # by node: (first unit, ref, meta)
     for node, idx in home.items():
         where = NodeAffinitySchedulingStrategy(node, soft=True)
-        chains: List[Any] = [None] * max(1, min(CHAINS, cpus.get(node, 1)))
+        chains: List[Any] = [None] * max(1, min(CHAINS, int(resources.get(node, {}).get("CPU", 1))))
         limit = max(1, min(TASK_BYTES, -(-sum(sizes[i] for i in idx) // len(chains))))
         for n, chunk in enumerate(_chunks(sorted(idx), sizes, limit)):
             one = not ordered

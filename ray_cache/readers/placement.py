@@ -26,7 +26,9 @@ Examples
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
+
+from ray_cache.cluster import hashing
 
 
 def homes(rows: Sequence[int], owner_nodes: Sequence[str], nodes: Sequence[str] = ()) -> Dict[str, List[int]]:
@@ -63,4 +65,13 @@ def homes(rows: Sequence[int], owner_nodes: Sequence[str], nodes: Sequence[str] 
     return {node: idx for node, idx in out.items() if idx}
 
 
-__all__ = ["homes"]
+def of(requests: Sequence[Any], workers: Sequence[Any]) -> Dict[str, List[int]]:
+    """:func:`homes` of planned units (``UnitRequest``) owned by rendezvous hashing over
+    ``workers``, every worker's node a candidate."""
+    names = [w.name for w in workers]
+    return homes([r.unit.num_rows for r in requests],
+                 [workers[hashing.owner(r.key.digest, names)].node_id for r in requests],
+                 [w.node_id for w in workers])
+
+
+__all__ = ["homes", "of"]
