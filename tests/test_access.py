@@ -184,8 +184,13 @@ def test_a_right_to_list_is_not_a_right_to_read(cache, secured):
         "raycache open after find": lambda: [rc.open(p).read() for p in rc.find(f"{BUCKET}/files/")],
         "fsspec.open_files": lambda: [f.open().read() for f in fsspec.open_files(
             f"raycache::s3://{BUCKET}/files/*", s3=users["carol"])],
+        "a snapshot of the folder": lambda: ray_cache.snapshot(f"s3://{BUCKET}/files/", filesystem=carol).cat_file(
+            f"{BUCKET}/files/img-0.bin"),
     }
     for name, call in refused.items():
         with pytest.raises(PermissionError):
             call()
             pytest.fail(f"{name}: served to a reader without the right to read")
+    # alice's snapshot of the same folder is served (one HEAD proved her right)
+    snap = ray_cache.snapshot(f"s3://{BUCKET}/files/", filesystem=alice)
+    assert snap.cat_file(f"{BUCKET}/files/img-1.bin") == alice.cat_file(f"{BUCKET}/files/img-1.bin")

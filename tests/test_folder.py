@@ -66,7 +66,8 @@ def test_classes_samples_and_images_match_torchvision_and_the_files(cache, folde
     root, local_root = folder
     proxy.reset()
     ds = ray_cache.ImageFolder(f"s3://{root}/", filesystem=s3fs_proxied)
-    assert [r["method"] for r in proxy.requests()] == ["GET"], "one LIST builds the dataset"
+    assert [r["method"] for r in proxy.requests()] == ["GET", "HEAD"], (
+        "one LIST builds the dataset (and one HEAD proves the right to read)")
     classes, samples = torchvision_samples(local_root)
     assert ds.classes == classes == ["cat", "dog", "emu"]
     assert ds.class_to_idx == {c: i for i, c in enumerate(classes)}

@@ -49,7 +49,8 @@ def test_one_listing_answers_every_metadata_call_as_s3fs_does(cache, files, s3fs
                                                               proxy, prefix):
     proxy.reset()
     snap = ray_cache.snapshot(f"s3://{prefix}/", filesystem=s3fs_proxied)
-    assert len(lists(proxy)) == 1 and len(proxy.requests()) == 1, "one LIST for 25 objects"
+    assert len(lists(proxy)) == 1 and [r["method"] for r in proxy.requests()] == ["GET", "HEAD"], (
+        "one LIST for 25 objects, and one HEAD proving the right to read")
     assert len(snap) == len(files)
     proxy.reset()
     s3fs_direct.invalidate_cache()

@@ -28,6 +28,13 @@ Consistency, precisely
   starts a refresh in the background and goes on with the current listing (reads never wait
   for it); the refreshed listing is used as soon as it is complete.
 
+Rights: the listing is taken with the reader's own credentials, and one object of it is
+HEADed with them (a right to list is not a right to read: a reader who may list the prefix
+but not read it gets ``PermissionError`` when the snapshot is taken or refreshed). A
+``Deny`` on single objects inside a prefix the reader may otherwise read is not seen: cached
+pages of such an object are served from the listing, since a request per file is what a
+snapshot exists to avoid (a cold read of it is a GET with the reader's credentials, refused).
+
 The snapshot is read-only (writing through it raises ``io.UnsupportedOperation``; write
 through a :class:`ray_cache.files.fs.CacheFileSystem` and refresh). It pickles with its
 listing, so DataLoader workers (forked or spawned), Ray tasks and Spark executors read the
@@ -48,6 +55,7 @@ from fsspec.utils import tokenize
 
 from ray_cache.files import pages
 from ray_cache.files.fs import CacheFileSystem, _ray_address
+from ray_cache.store import access
 from ray_cache.store.keys import StoreObject
 from ray_cache.store.underfs import resolve_filesystem, version_of
 
@@ -167,6 +175,11 @@ class SnapshotFileSystem(CacheFileSystem):
                    for name, info in found.items() if info.get("type") == "file"}
         if not entries:
             raise FileNotFoundError(2, "No objects under this prefix", self.prefix)
+        # A right to list is not a right to read: one object of the listing is proven
+        # readable with these credentials (a HEAD), so a reader who may only list the prefix
+        # is refused here, not served cached bytes. A Deny on single objects inside a
+        # readable prefix is not seen (a HEAD per file is what a snapshot exists to avoid).
+        access.RIGHTS.require(self.target, [min(entries)])
         return Listing(self.prefix, entries, taken_at)
 
     def __len__(self) -> int:
