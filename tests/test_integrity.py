@@ -312,3 +312,45 @@ def test_page_entries_do_not_keep_the_bytes_they_were_built_from():
         del t
     gc.collect()
     assert anon_mb() - before < 40, f"{anon_mb() - before:.0f} MB kept after 200 MB of pages"
+
+
+def test_a_worker_killed_while_writing_a_disk_entry_restarts_clean_and_serves_right_rows(cache, tmp_path):
+    """The cache worker itself SIGKILLed while its write-behind writes a disk entry: Ray
+    restarts it, its re-index removes the half-written file, the entry written before is
+    served from disk, and the interrupted one is read again, right."""
+    import signal
+    import time
+
+    from ray_cache.cluster import membership
+
+    src = tmp_path / "src"
+    src.mkdir()
+    small, big = _table(10_000), _table(10_000_000)  # 160 MB: its disk write takes a while
+    pq.write_table(small, src / "small.parquet")
+    pq.write_table(big, src / "big.parquet", row_group_size=len(big), compression="none")
+    assert read_all(ray_cache.read_parquet(str(src / "small.parquet"))).equals(small)
+    (worker,) = membership.live_workers()
+    ray.get(worker.handle.flush.remote(), timeout=60)
+    pid = ray_cache.status().workers[0]["pid"]
+    assert read_all(ray_cache.read_parquet(str(src / "big.parquet"))).equals(big)
+    deadline, tmp_seen = time.monotonic() + 60, []
+    while not tmp_seen and time.monotonic() < deadline:  # the write-behind has begun
+        tmp_seen = [f for _, _, fs in os.walk(cache) for f in fs if f.startswith(".tmp-")]
+    os.kill(pid, signal.SIGKILL)
+    assert tmp_seen, "the entry was written before the worker could be killed mid-write"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Ray restarts the worker (max_restarts=-1)
+        try:
+            if ray.get(worker.handle.status.remote(), timeout=30)["pid"] != pid:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+    after = ray.get(worker.handle.status.remote(), timeout=30)
+    assert after["pid"] != pid, "a new worker process"
+    assert [f for _, _, fs in os.walk(cache) for f in fs if f.startswith(".tmp-")] == [], "re-index removed it"
+    assert after["damaged_entries"] == 0
+    before = ray_cache.stats()
+    assert read_all(ray_cache.read_parquet(str(src / "small.parquet"))).equals(small)
+    assert read_all(ray_cache.read_parquet(str(src / "big.parquet"))).equals(big)
+    now = ray_cache.stats()
+    assert now["disk_hits"] - before.get("disk_hits", 0) >= 1, "the entry written before: from disk"
