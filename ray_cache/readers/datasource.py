@@ -143,6 +143,8 @@ class CachedParquetDatasource(Datasource):
         self._executions = executions if executions is not None else [0]
         #: The units this source reads, by :func:`ray_cache.readers.nodereads.unit_id` (None: all).
         self._only = only
+        #: Whether each read task yields its units as one block (:meth:`restricted`).
+        self._whole = False
         self._columns = list(opts.columns) if opts.columns is not None else None
         read_cols = self._columns
         if read_cols is not None and predicate is not None:  # the filter's columns are read too
@@ -250,14 +252,18 @@ class CachedParquetDatasource(Datasource):
                                         options=replace(self._opts, columns=columns),
                                         predicate=predicate, executions=self._executions, only=self._only)
         clone._projection_map = None if columns is None else {c: c for c in columns}
+        clone._whole = self._whole
         return clone
 
-    def restricted(self, ids: Sequence[Any]) -> "CachedParquetDatasource":
-        """This source over the units named in ``ids`` only (kept through Ray's pushdown)."""
+    def restricted(self, ids: Sequence[Any], whole: bool = False) -> "CachedParquetDatasource":
+        """This source over the units named in ``ids`` only (kept through Ray's pushdown);
+        with ``whole``, each read task yields its units as one block (Ray Data pays per
+        block it iterates; a read task's units are read in parallel by their owners anyway)."""
         only = frozenset(ids) if self._only is None else self._only & frozenset(ids)
         clone = CachedParquetDatasource(self._fs, self._objects, self._workers, options=self._opts,
                                         predicate=self._predicate_expr, executions=self._executions, only=only)
         clone._projection_map = self._projection_map
+        clone._whole = whole
         return clone
 
     @property
@@ -324,17 +330,24 @@ class CachedParquetDatasource(Datasource):
                 input_files=sorted({r.obj.url for r in reqs}),
                 exec_stats=None,
             )
+            # Keys keep the caller's column order: tables come out as asked.
+            read = functools.partial(routing.read_units, self._fs, reqs, self._workers) if plain else \
+                functools.partial(shaping.shaped, self._fs, chunk, self._workers, shape)
             tasks.append(
                 ReadTask(
-                    # Keys keep the caller's column order: tables come out as asked.
-                    functools.partial(routing.read_units, self._fs, reqs, self._workers) if plain else
-                    functools.partial(shaping.shaped, self._fs, chunk, self._workers, shape),
+                    functools.partial(_as_one, read) if self._whole else read,
                     meta,
                     schema=self._out_schema,
                     per_task_row_limit=per_task_row_limit,
                 )
             )
         return tasks
+
+
+def _as_one(read: Any) -> List[pa.Table]:
+    """The tables ``read()`` yields, as one block (side by side: no copy)."""
+    tables = list(read())
+    return [pa.concat_tables(tables) if len(tables) > 1 else tables[0]] if tables else []
 
 
 def partition_columns(obj: StoreObject, schema: pa.Schema, partitioning: Any) -> Tuple[Tuple[str, ...], ...]:
