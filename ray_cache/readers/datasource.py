@@ -333,9 +333,12 @@ class CachedParquetDatasource(Datasource):
             # Keys keep the caller's column order: tables come out as asked.
             read = functools.partial(routing.read_units, self._fs, reqs, self._workers) if plain else \
                 functools.partial(shaping.shaped, self._fs, chunk, self._workers, shape)
+            if self._whole:
+                read = functools.partial(_as_one, read)
+            read.__name__ = "read_ray_cache_units"  # Ray Data names a read task by it (a large one)
             tasks.append(
                 ReadTask(
-                    functools.partial(_as_one, read) if self._whole else read,
+                    read,
                     meta,
                     schema=self._out_schema,
                     per_task_row_limit=per_task_row_limit,
