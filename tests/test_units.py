@@ -278,3 +278,17 @@ def test_page_entries_map_without_pyarrow_exactly_as_pyarrow_reads_them(tmp_path
     tier.put(key2, other)
     assert map_page_file(tier._path(key2), key2, 3) is None
     tier.close()
+
+
+def test_a_footer_is_kept_alone_and_reads_outside_the_fetched_ranges_still_fail():
+    data = _parquet_bytes(rows=200_000, rg=50_000)  # larger than the 64 KiB pyarrow reads first
+    footer = parquet.parse_footer("mem://x", len(data), lambda ranges: [data[s:e] for s, e in ranges])
+    (meta_len,) = __import__("struct").unpack("<I", data[-8:-4])
+    assert footer == data[-(meta_len + 8):], "the footer, not the whole 64 KiB tail"
+    meta = parquet.read_metadata("mem://x", len(data), footer)
+    unit = parquet.plan_units(meta, target_bytes=1)[-1]  # the last row group: next to the footer
+    segs = {s: data[s:e] for s, e in parquet.unit_ranges(meta, unit, ["a"])}
+    got = parquet.decode_unit(len(data), footer, meta, unit, ["a"], segs)
+    assert got.equals(pq.read_table(io.BytesIO(data)).select(["a"]).slice(150_000))
+    with pytest.raises(OSError):  # a column chunk nobody fetched is never made up
+        parquet.decode_unit(len(data), footer, meta, unit, ["a", "b"], segs)

@@ -35,10 +35,15 @@ class _SparseFile(io.RawIOBase):
     known segments raises ``OSError``, which means the plan and pyarrow disagree.
     """
 
-    def __init__(self, size: int, segments: Dict[int, bytes]):
+    def __init__(self, size: int, segments: Dict[int, bytes], footer_len: int = 0):
         self._size = size
         self._segments = sorted(segments.items())
         self._pos = 0
+        # pyarrow opens a file by reading its last 64 KiB at once and parses only the footer
+        # at their end: such a read (one that runs into the footer) gets zeros for the bytes
+        # before the footer that no segment holds. Any other read outside them still fails.
+        self._footer_start = size - footer_len if footer_len else size
+        self._pad_from = max(0, size - FOOTER_GUESS) if footer_len else size
 
     def readable(self) -> bool:
         return True
@@ -72,13 +77,18 @@ class _SparseFile(io.RawIOBase):
                     done += take
                     break
             else:
-                raise OSError(f"read of {want} bytes at {self._pos} outside the fetched ranges")
+                if not self._pad_from <= pos < self._footer_start < self._pos + want:
+                    raise OSError(f"read of {want} bytes at {self._pos} outside the fetched ranges")
+                take = min([self._footer_start] + [st for st, _ in self._segments if st > pos]) - pos
+                view[done : done + take] = bytes(take)
+                done += take
         self._pos += want
         return want
 
 
 def parse_footer(name: str, size: int, fetch: Fetcher) -> bytes:
-    """Fetch the tail of a Parquet object: at least its footer, and up to 64 KiB.
+    """The footer of a Parquet object (its metadata, length and magic), from one read of
+    its last 64 KiB (two when the footer is longer).
 
     Raises :class:`NotParquetError` naming ``name`` when the object is not Parquet.
     """
@@ -94,14 +104,15 @@ def parse_footer(name: str, size: int, fetch: Fetcher) -> bytes:
         raise NotParquetError(f"{name} is not a Parquet file (footer length {meta_len} too big)")
     if need > len(tail):
         tail = fetch([(size - need, size)])[0]
-    # Keep the whole tail: pyarrow itself reads the last 64 KiB when it opens a file.
-    return bytes(tail)
+    # The footer alone: every planned unit carries it (into read tasks, a driver holding the
+    # plan of 10,000 files), and a 64 KiB tail per file was most of a read task's bytes.
+    return bytes(tail[-need:])
 
 
 def read_metadata(name: str, size: int, footer: bytes) -> pq.FileMetaData:
     """Parse footer bytes (from :func:`parse_footer`) into pyarrow metadata."""
     try:
-        return pq.ParquetFile(_SparseFile(size, {size - len(footer): footer})).metadata
+        return pq.ParquetFile(_SparseFile(size, {size - len(footer): footer}, len(footer))).metadata
     except (pa.ArrowInvalid, OSError) as exc:
         raise NotParquetError(f"{name} is not a readable Parquet file: {exc}") from None
 
@@ -193,7 +204,7 @@ def decode_unit(
     """Decode a unit's row groups from its fetched column-chunk segments."""
     segments = dict(segments)
     segments[size - len(footer)] = footer
-    pf = pq.ParquetFile(_SparseFile(size, segments), metadata=meta)
+    pf = pq.ParquetFile(_SparseFile(size, segments, len(footer)), metadata=meta)
     return pf.read_row_groups(
         list(range(unit.start, unit.stop)),
         columns=list(columns) if columns is not None else None,
