@@ -411,6 +411,43 @@ def test_copies_that_would_not_fit_leave_the_read_to_read_tasks(
     assert data_gets(proxy) == []
 
 
+def test_copies_of_a_dataset_still_alive_count_against_the_room(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, monkeypatch):
+    """Room for copies is what each node's object store really holds (its raylet's count):
+    with the last dataset's copies still alive, a second set that would not fit beside them
+    is not made (read tasks instead: no spilling); once the first is dropped, it is."""
+    import gc
+    import time
+
+    from ray.data.dataset import MaterializedDataset
+
+    from ray_cache.readers import nodecopies
+
+    fresh_cache(tmp_path)
+    paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6)
+    url = f"s3://{paths[0].rsplit('/', 1)[0]}/"
+    from ray_cache.node.tiers.memory import node_store_used
+
+    def in_use():  # the most any GPU node's object store holds, as its raylet counts it
+        return max(node_store_used(n) for n in gpu_node_ids())
+
+    copies = max(b.size_bytes for bundle in ds.iter_internal_ref_bundles() for b in bundle.metadata)
+    held = in_use()
+    capacity = 256 << 20  # conftest.NODE's object store
+    monkeypatch.setattr(nodecopies, "COPY_FRACTION", (held + copies // 2) / capacity)
+    assert not isinstance(ray_cache.read_parquet(url, filesystem=s3fs_proxied), MaterializedDataset), (
+        "no second copies beside the first: read tasks")
+    del ds, refs
+    gc.collect()
+    deadline = time.monotonic() + 60
+    while in_use() > held - copies // 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # Ray frees objects asynchronously once their last reference is gone
+    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
+    assert isinstance(ds, MaterializedDataset), "the first dropped: copies again"
+    assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
+    assert data_gets(proxy) == []
+
+
 def test_copies_are_freed_with_the_dataset(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     import gc
     import time

@@ -33,6 +33,7 @@ from ray_cache.node.calls import next_item
 from ray_cache.node.channel import ChannelServer, channel_path
 from ray_cache.node.metrics import WorkerMetrics
 from ray_cache.node.pageentry import page_buffer, page_table
+from ray_cache.node.tiers.memory import node_store_used
 from ray_cache.node.uploads import UploadWatch
 
 log = logging.getLogger("ray_cache.node.worker")
@@ -169,11 +170,13 @@ class CacheWorker:
         return [None if f is None else ([f[0]], f[1]) for f in found]
 
     def warm_metas(self, digests: Sequence[str]) -> Tuple[List[Optional[Any]], int]:
-        """Block metadata of each key in the memory tier (None for others), and the tier's
-        bytes in use: what the multi-node warm path plans with. Counts nothing: the copy
-        tasks' reads are counted when they come."""
+        """Block metadata of each key in the memory tier (None for others), and the bytes in
+        use in this node's object store (the memory tier, blocks of datasets still alive,
+        anything; the tier's own if Ray does not say): what the multi-node warm path plans
+        with. Counts nothing: the copy tasks' reads are counted when they come."""
         found = [self.cache.lookup_memory(d) for d in digests]
-        return [None if f is None else f[1] for f in found], self.cache.memory.used
+        used = node_store_used(self.node_id)
+        return [None if f is None else f[1] for f in found], self.cache.memory.used if used is None else used
 
     def touch(self, digests: Sequence[str]) -> int:
         """Count reads of this worker's disk-tier entries that a reader on this node mapped

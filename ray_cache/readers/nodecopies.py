@@ -19,8 +19,9 @@ A value a task returns is stored on the node that ran it and owned by the caller
 
 Memory cost, stated plainly: while the dataset lives, the copies take as many object-store
 bytes as the rows read (next to the memory tier's own). It is taken only when, on every
-node, the memory tier's bytes plus the copies fit in ``COPY_FRACTION`` of the node's object
-store, so the copies never make Ray spill; otherwise :func:`plan` returns None and the read
+node, the bytes already in its object store (as its raylet counts them: the memory tier, the
+copies of datasets still alive, anything else) plus the new copies fit in ``COPY_FRACTION``
+of it, so the copies never make Ray spill; otherwise :func:`plan` returns None and the read
 uses read tasks, whose memory Ray Data's backpressure bounds. The copies are released when
 the dataset (and every dataset derived from it) is dropped.
 
@@ -125,9 +126,9 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
     except Exception:  # noqa: BLE001 - any doubt: read tasks, which fall back by themselves
         return None
     sizes = [int(m.size_bytes or 0) for m in metas]
-    used_on: Dict[str, int] = {}
+    used_on: Dict[str, int] = {}  # each worker reports its whole node's object store
     for o in by_owner:
-        used_on[workers[o].node_id] = used_on.get(workers[o].node_id, 0) + used[o]
+        used_on[workers[o].node_id] = max(used_on.get(workers[o].node_id, 0), used[o])
     home = placement.of(requests, workers)
     for node, idx in home.items():
         room = COPY_FRACTION * resources.get(node, {}).get("object_store_memory", 0) - used_on.get(node, 0)
