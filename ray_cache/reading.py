@@ -4,8 +4,8 @@ Resolves the arguments (each of Ray 2.60's, with Ray's meaning, or refused:
 :mod:`ray_cache.readers.arguments`), lists the objects with the reader's own rights
 (:mod:`ray_cache.store.access`), plans the units (:mod:`ray_cache.readers.datasource`) and
 returns the warm dataset when every unit is cached (:mod:`ray_cache.readers.fastpath`,
-:mod:`ray_cache.readers.nodecopies`), else read tasks: on a cluster, each on the node of
-the worker owning its units (:mod:`ray_cache.readers.nodereads`).
+:mod:`ray_cache.readers.nodecopies`), else read tasks: on a cluster, each on the node its
+units' blocks belong to (:mod:`ray_cache.readers.nodereads`).
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def read_parquet(
         this driver, which survive a worker's death and are re-made if a node is lost,
         taken only when they fit in the object stores
         (:mod:`ray_cache.readers.nodecopies`). ``False`` always plans read tasks. Read
-        tasks on a cluster run on their units' owners' nodes, every execution
-        (:mod:`ray_cache.readers.nodereads`), unless Ray's remote arguments are given.
+        tasks on a cluster run on their units' owners' nodes (evened out by rows), every
+        execution (:mod:`ray_cache.readers.nodereads`), unless Ray's remote arguments are given.
     partitioning : ``ray.data.datasource.Partitioning``, ``"hive"`` or None
         As Ray's default: ``key=value`` folders in a file's path become string columns
         after the file's own (``columns`` may name them). A ``Partitioning`` with
@@ -187,7 +187,7 @@ def read_parquet(
     if warm is not None:
         return warm
     if zero_copy is not True and not kwargs and override_num_blocks is None:
-        pinned = nodereads.plan(source, workers)  # on a cluster: each read on its owner's node
+        pinned = nodereads.plan(source, workers)  # on a cluster: each read on its blocks' node
         if pinned is not None:
             return pinned
     # One read task per unit by default: asking Ray Data for more blocks than tasks makes

@@ -23,7 +23,7 @@ from ray_cache.cluster import routing
 from ray_cache.store import fetch, parquet
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import UNIT_TARGET_BYTES
-from ray_cache.readers import nodereads, pushdown, shaping, tensors
+from ray_cache.readers import pushdown, shaping, tensors
 from ray_cache.readers.arguments import file_order
 from ray_cache.store.fetch import UnitRequest
 from ray_cache.store.keys import StoreObject
@@ -141,7 +141,7 @@ class CachedParquetDatasource(Datasource):
         self._predicate_expr = predicate
         #: Executions so far, shared with pushed-down copies (a shuffle's order per execution).
         self._executions = executions if executions is not None else [0]
-        #: The units this source reads, by :func:`ray_cache.readers.nodereads.unit_id` (None: all).
+        #: The units this source reads, by :func:`unit_id` (None: all).
         self._only = only
         #: Whether each read task yields its units as one block (:meth:`restricted`).
         self._whole = False
@@ -192,7 +192,7 @@ class CachedParquetDatasource(Datasource):
             if self._predicate_expr is not None:  # only row groups the statistics allow
                 units = pushdown.matching_units(self._predicate_expr, meta, units, schema, parts)
             if self._only is not None:
-                units = [u for u in units if nodereads.unit_id(obj, u) in self._only]
+                units = [u for u in units if unit_id(obj, u) in self._only]
             for req in fetch.unit_requests(obj, footer, meta, parts, key_columns, decode, units=units):
                 self._requests.append(req)
                 self._row_starts.append(starts[req.unit.start])
@@ -345,6 +345,11 @@ class CachedParquetDatasource(Datasource):
                 )
             )
         return tasks
+
+
+def unit_id(obj: StoreObject, unit: parquet.Unit) -> Tuple[str, str, int]:
+    """What names one unit whatever columns are read: its object version and first row group."""
+    return (obj.path, obj.version, unit.start)
 
 
 def _as_one(read: Any) -> List[pa.Table]:

@@ -44,26 +44,20 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import ray
 
 from ray_cache.cluster import membership
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.readers import placement
+from ray_cache.readers.datasource import unit_id
 from ray_cache.readers.nodecopies import CHAINS, TASK_BYTES
-from ray_cache.store.keys import StoreObject
-from ray_cache.store.parquet import Unit
 
 #: Ray's label naming the node a task runs on.
 NODE_LABEL = "ray.io/node-id"
 #: Where a pinned read goes when its node is gone: any node.
 ANYWHERE = [{"label_selector": {}}]
-
-
-def unit_id(obj: StoreObject, unit: Unit) -> Tuple[str, str, int]:
-    """What names one unit whatever columns are read: its object version and first row group."""
-    return (obj.path, obj.version, unit.start)
 
 
 def plan(source: Any, workers: Sequence[WorkerRef]) -> Optional["ray.data.Dataset"]:
@@ -92,4 +86,4 @@ def _ordered() -> bool:
     return bool(ray.data.DataContext.get_current().execution_options.preserve_order)
 
 
-__all__ = ["plan", "unit_id"]
+__all__ = ["plan"]

@@ -7,6 +7,7 @@ reader must be ready for ``OwnerDiedError`` if the worker dies (the client handl
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 import pyarrow as pa
@@ -22,18 +23,30 @@ def block_metadata(table: pa.Table) -> Any:
     return BlockMetadataWithSchema.from_block(table)
 
 
-def node_store_used(node_id: str) -> Optional[int]:
+def node_store_used(node_id: str, timeout_s: float = 2.0) -> Optional[int]:
     """Bytes in use in the object store of node ``node_id`` (everything in it: memory
     tiers, datasets' blocks, anyone's objects), as its raylet counts them; None if it
-    does not answer (one RPC, ~3 ms)."""
+    does not answer within ``timeout_s`` (one local RPC, ~3 ms)."""
     try:
-        from ray._private.internal_api import node_stats
+        from ray.core.generated import node_manager_pb2
 
-        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-        reply = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=False)
+        stub = _raylet(node_id)
+        reply = stub.GetNodeStats(node_manager_pb2.GetNodeStatsRequest(include_memory_info=False),
+                                  timeout=timeout_s)
         return int(reply.store_stats.object_store_bytes_used)
     except Exception:  # noqa: BLE001 - Ray's internals moved, or the raylet is busy: unknown
         return None
+
+
+@functools.lru_cache(maxsize=8)
+def _raylet(node_id: str) -> Any:
+    """A client of node ``node_id``'s raylet (Ray's own gRPC service, as ``ray memory`` uses)."""
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import node_manager_pb2_grpc
+
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+    return node_manager_pb2_grpc.NodeManagerServiceStub(channel)
 
 
 class MemoryTier(Tier):
