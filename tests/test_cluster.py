@@ -371,8 +371,15 @@ def test_worker_killed_after_the_copies_costs_nothing(gpu_nodes, tmp_path, s3fs_
     assert data_gets(proxy) == []
 
 
+@pytest.mark.parametrize("task_bytes", ["default", "one unit"])
 def test_node_lost_after_the_copies_remakes_its_share_from_the_store_counted(
-        gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+        gpu_nodes, ray_cluster, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, task_bytes, monkeypatch):
+    """With one copy task per node, or a chain of one-unit copy tasks per node (each waiting
+    for the one before: Ray re-runs a lost one with the chain's argument it kept)."""
+    from ray_cache.readers import nodecopies
+
+    if task_bytes == "one unit":
+        monkeypatch.setattr(nodecopies, "TASK_BYTES", 1)
     _, added = gpu_nodes
     fresh_cache(tmp_path)
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=8)
