@@ -332,12 +332,24 @@ def test_a_worker_killed_while_writing_a_disk_entry_restarts_clean_and_serves_ri
     (worker,) = membership.live_workers()
     ray.get(worker.handle.flush.remote(), timeout=60)
     pid = ray_cache.status().workers[0]["pid"]
-    assert read_all(ray_cache.read_parquet(str(src / "big.parquet"))).equals(big)
-    deadline, tmp_seen = time.monotonic() + 60, []
-    while not tmp_seen and time.monotonic() < deadline:  # the write-behind has begun
-        tmp_seen = [f for _, _, fs in os.walk(cache) for f in fs if f.startswith(".tmp-")]
-    os.kill(pid, signal.SIGKILL)
-    assert tmp_seen, "the entry was written before the worker could be killed mid-write"
+    killed = threading.Event()
+
+    def kill_mid_write() -> None:  # as soon as the big entry's write-behind has begun
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any(f.startswith(".tmp-") for _, _, fs in os.walk(cache) for f in fs):
+                os.kill(pid, signal.SIGKILL)
+                killed.set()
+                return
+
+    killer = threading.Thread(target=kill_mid_write, daemon=True)
+    killer.start()
+    try:
+        ray_cache.load(str(src / "big.parquet"))  # into the tiers, no rows shipped here
+    except Exception:  # noqa: BLE001 - the worker may die under the call; what counts is below
+        pass
+    killer.join(130)
+    assert killed.is_set(), "the worker was killed while it wrote the big entry"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Ray restarts the worker (max_restarts=-1)
         try:
@@ -347,6 +359,7 @@ def test_a_worker_killed_while_writing_a_disk_entry_restarts_clean_and_serves_ri
             pass
     after = ray.get(worker.handle.status.remote(), timeout=30)
     assert after["pid"] != pid, "a new worker process"
+    ray.get(worker.handle.flush.remote(), timeout=120)  # a load retried on it has written its own
     assert [f for _, _, fs in os.walk(cache) for f in fs if f.startswith(".tmp-")] == [], "re-index removed it"
     assert after["damaged_entries"] == 0
     before = ray_cache.stats()
