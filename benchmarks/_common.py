@@ -48,18 +48,24 @@ class Store:
 
 
 def open_store(stack: ExitStack, bucket: str, rate_mb_s: float = 0.0,
-               latency_ms: float = 0.0) -> Store:
+               latency_ms: float = 0.0, server: str = "moto") -> Store:
     """Start the S3 server (with ``bucket``) and the proxy; both stop with ``stack``.
 
     ``rate_mb_s`` (0: unlimited) and ``latency_ms`` make the proxy emulate a far store.
+    ``server``: ``"moto"`` (the test suite's) or ``"s3rver"`` (ranges served in proportion
+    to their size and concurrently, as real stores do: ``ray_cache.testing.s3rver``).
     """
     import s3fs
 
     from ray_cache.testing import CountingProxy, S3Server
+    from ray_cache.testing.s3rver import S3rverServer
 
     far = " (throttled)" if rate_mb_s or latency_ms else ""
-    log(f"starting the S3 server and the counting proxy{far} …")
-    server = stack.enter_context(S3Server())
+    log(f"starting the S3 server ({server}) and the counting proxy{far} …")
+    servers = {"moto": S3Server, "s3rver": S3rverServer}
+    if server not in servers:
+        raise ValueError(f"server must be one of {sorted(servers)}, got {server!r}")
+    server = stack.enter_context(servers[server]())
     server.create_bucket(bucket)
     proxy = stack.enter_context(CountingProxy(
         server.endpoint_url, rate_bytes_per_s=rate_mb_s * 1e6 or None, latency_ms=latency_ms))

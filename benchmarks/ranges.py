@@ -3,10 +3,10 @@
 Run it with::
 
     python benchmarks/ranges.py [--size-mb 256] [--reads 200] [--min-kb 64] [--max-kb 4096] \\
-        [--seed 0] [--repeats 3] [--latency-ms 0] [--rate-mb-s 0]
+        [--seed 0] [--repeats 3] [--latency-ms 0] [--rate-mb-s 0] [--server moto|s3rver]
 
-It writes one object of ``--size-mb`` random bytes into a local S3 server (moto, on
-loopback) and reads the same ``--reads`` random ranges (offsets uniform, lengths uniform
+It writes one object of ``--size-mb`` random bytes into a local S3 server (moto by default,
+or s3rver: ``ray_cache.testing.s3rver`` says why the cold figures differ) on loopback, and reads the same ``--reads`` random ranges (offsets uniform, lengths uniform
 in ``[--min-kb, --max-kb]``) through each case, timing every read:
 
 (a) s3fs directly: ``cat_file(path, start, end)``, one ranged GET per read;
@@ -131,6 +131,8 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--rate-mb-s", type=float, default=0.0)
+    parser.add_argument("--server", choices=("moto", "s3rver"), default="moto",
+                        help="the S3 server: moto (the suite's) or s3rver (ranges cost their size)")
     args = parser.parse_args(list(argv) or None)
 
     import fsspec
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] = ()) -> None:
     with ExitStack() as stack:
         tmp = tempfile.mkdtemp(prefix="ranges-bench-")
         stack.callback(shutil.rmtree, tmp, True)
-        store = open_store(stack, BUCKET, args.rate_mb_s, args.latency_ms)
+        store = open_store(stack, BUCKET, args.rate_mb_s, args.latency_ms, args.server)
         proxy = store.proxy
         bproxy = store.another_proxy(stack)  # blockcache's: warm GETs counted per cache
         writer = store.direct_fs
@@ -231,7 +233,7 @@ def main(argv: Sequence[str] = ()) -> None:
           f"s3fs {s3fs.__version__}\n")
     print(f"Object: {args.size_mb} MB; {args.reads} random reads of {args.min_kb} KB-{args.max_kb} KB "
           f"(seed {args.seed}); warm cases best of {args.repeats} passes; "
-          f"proxy latency {args.latency_ms} ms, rate "
+          f"S3 server {args.server}; proxy latency {args.latency_ms} ms, rate "
           f"{args.rate_mb_s or 'unlimited'} MB/s; raycache page size {pages.PAGE_SIZE >> 20} MiB, "
           f"page buffers {pages.reader().buffers.capacity >> 20} MiB; over all raycache reads, pages "
           f"from this process's buffers {counts['buffer_hits']}, mapped from the node's disk tier "

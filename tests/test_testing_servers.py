@@ -183,3 +183,28 @@ def test_s3_data_gets_filter() -> None:
     paths = [r["path"] for r in s3_data_gets(records, bucket="bkt")]
     assert paths == ["/bkt/a/b.bin", "/bkt/key?versionId=3"]
     assert len(s3_data_gets(records)) == 3
+
+
+def test_s3rver_serves_ranges_with_their_version_and_stops_by_pid() -> None:
+    """The benchmarks' second S3 server: ranges as asked, each answered with the object's
+    ETag (ray_cache's conditional reads rely on it there, as s3rver ignores If-Match)."""
+    import os
+
+    import boto3
+
+    from ray_cache.testing.s3rver import S3rverServer
+
+    with S3rverServer() as srv:
+        srv.create_bucket("bench")
+        fs = s3fs.S3FileSystem(**srv.storage_options(), skip_instance_cache=True)
+        data = os.urandom(3 << 20)
+        fs.pipe_file("bench/x.bin", data)
+        assert fs.cat_file("bench/x.bin", start=1 << 20, end=(2 << 20) + 7) == data[1 << 20:(2 << 20) + 7]
+        client = boto3.client("s3", endpoint_url=srv.endpoint_url, region_name="us-east-1",
+                              aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER")
+        etag = fs.info("bench/x.bin")["ETag"]
+        part = client.get_object(Bucket="bench", Key="x.bin", Range="bytes=10-19")
+        assert part["ETag"] == etag and part["ContentRange"] == f"bytes 10-19/{len(data)}"
+        pid = srv.pid
+    with pytest.raises(OSError):
+        os.kill(pid, 0)
