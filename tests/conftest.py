@@ -12,6 +12,9 @@ import uuid
 from typing import Any, Dict
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports, no Prometheus probes
+# What the run writes by default (proofs of read rights, a default disk tier) stays in a
+# folder of its own, not the user's ~/.cache; Ray's workers inherit it.
+os.environ.setdefault("RAY_CACHE_DIR", tempfile.mkdtemp(prefix="ray-cache-tests-"))
 
 import numpy as np
 import pyarrow as pa

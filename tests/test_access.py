@@ -34,11 +34,14 @@ BUCKET = "private-data"
 # right is granted under both names (an action AWS does not know grants nothing there).
 LIST = ["s3:ListBucket", "s3:ListObjectsV2"]
 READ = ["s3:GetObject", "s3:HeadObject", *LIST]
+#: The one object dave may not read (he may read and list everything else).
+DENIED = "files/img-1.bin"
 
 
 @pytest.fixture(scope="module")
 def secured():
-    """An S3 server whose users are alice (read), bob (nothing); auth enforced after set-up."""
+    """An S3 server whose users are alice (read), bob (nothing), carol (list only) and dave
+    (read, but for one object); auth enforced after set-up."""
     import boto3
     import urllib.request
 
@@ -55,13 +58,16 @@ def secured():
             s3.put_object(Bucket=BUCKET, Key=f"table/part-{i}.parquet", Body=buf.getvalue())
             s3.put_object(Bucket=BUCKET, Key=f"files/img-{i}.bin", Body=rng.bytes(200_000))
         users = {}
-        for user, actions in (("alice", READ), ("bob", None), ("carol", LIST)):
+        for user, actions in (("alice", READ), ("bob", None), ("carol", LIST), ("dave", READ)):
             iam.create_user(UserName=user)
             if actions:
+                statements = [{"Effect": "Allow", "Action": actions,
+                               "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]}]
+                if user == "dave":  # everything but one object
+                    statements.append({"Effect": "Deny", "Action": ["s3:GetObject", "s3:HeadObject"],
+                                       "Resource": [f"arn:aws:s3:::{BUCKET}/{DENIED}"]})
                 iam.put_user_policy(UserName=user, PolicyName="read", PolicyDocument=json.dumps({
-                    "Version": "2012-10-17",
-                    "Statement": [{"Effect": "Allow", "Action": actions,
-                                   "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]}]}))
+                    "Version": "2012-10-17", "Statement": statements}))
             key = iam.create_access_key(UserName=user)["AccessKey"]
             users[user] = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"],
                            "client_kwargs": {"endpoint_url": srv.endpoint_url, "region_name": "us-east-1"}}
@@ -157,7 +163,9 @@ def test_a_reader_without_rights_is_refused_warm_or_cold(cache, secured):
     ray.get([w.handle.flush.remote() for w in ray_cache.cluster.membership.live_workers()])
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     secrets = [users[u][f] for u in users for f in ("key", "secret")]
-    assert _secrets_in_files([str(cache), session_dir], secrets) == []
+    rights = os.path.join(ray_cache.config.default_disk_dir(), "rights")  # proofs of rights
+    assert os.listdir(rights), "the proofs this test made are there to be searched"
+    assert _secrets_in_files([str(cache), session_dir, rights], secrets) == []
 
 
 
@@ -194,3 +202,56 @@ def test_a_right_to_list_is_not_a_right_to_read(cache, secured):
     # alice's snapshot of the same folder is served (one HEAD proved her right)
     snap = ray_cache.snapshot(f"s3://{BUCKET}/files/", filesystem=alice)
     assert snap.cat_file(f"{BUCKET}/files/img-1.bin") == alice.cat_file(f"{BUCKET}/files/img-1.bin")
+
+
+DAVE_CHILD = """
+import json, pickle, sys
+snap = pickle.loads(bytes.fromhex(sys.argv[1]))
+out = {}
+for path in json.loads(sys.argv[2]):
+    try:
+        with snap.open(path) as f:
+            out[path] = len(f.read())
+    except PermissionError:
+        out[path] = "PermissionError"
+print(json.dumps(out))
+"""
+
+
+def test_a_deny_on_one_object_is_seen_by_a_snapshot_warm_or_cold(cache, secured):
+    """dave may read the folder but one object: his snapshot is served every other object
+    from the cache, and that one never, warm or cold, in this process or another, however
+    it is read; alice's snapshot is served all of them."""
+    import pickle
+
+    srv, users = secured
+    alice, dave = _fs(users["alice"]), _fs(users["dave"])
+    denied, allowed = f"{BUCKET}/{DENIED}", f"{BUCKET}/files/img-0.bin"
+    with pytest.raises(PermissionError):
+        dave.cat_file(denied)  # the store's own verdict
+    want = {p: alice.cat_file(p) for p in (allowed, denied)}
+
+    snap = ray_cache.snapshot(f"s3://{BUCKET}/files/", filesystem=dave)
+    reads = {
+        "cat_file": lambda p: snap.cat_file(p),
+        "open().read()": lambda p: snap.open(p).read(),
+        "cat": lambda p: snap.cat([p])[p],
+        "cat_ranges": lambda p: snap.cat_ranges([p], [0], [100], on_error="raise")[0],
+    }
+    for state in ("cold", "warm"):
+        if state == "warm":  # alice fetches both, so both are cached
+            assert ray_cache.snapshot(f"s3://{BUCKET}/files/", filesystem=alice).cat_file(denied) == want[denied]
+            pages.reader().clear()
+        for name, read in reads.items():
+            with pytest.raises(PermissionError):
+                read(denied)
+                pytest.fail(f"{state} {name}: served an object dave may not read")
+            assert want[allowed].startswith(read(allowed)), (state, name)
+    both = snap.cat_ranges([allowed, denied], [0, 0], [10, 10])
+    assert both[0] == want[allowed][:10] and isinstance(both[1], PermissionError)
+    # another process with dave's snapshot (spawned: its own proofs and buffers)
+    run = subprocess.run([sys.executable, "-c", DAVE_CHILD, pickle.dumps(snap).hex(),
+                          json.dumps([allowed, denied])], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {allowed: len(want[allowed]), denied: "PermissionError"}
+    assert users["dave"]["secret"] not in run.stdout + run.stderr

@@ -86,6 +86,65 @@ def test_cold_files_cost_one_conditional_get_and_warm_ones_nothing(cache, files,
     assert proxy.requests() == [], "a warm epoch sends no request at all"
 
 
+def test_each_reader_proves_each_object_once_per_node(cache, files, s3_server, s3fs_proxied, proxy, prefix):
+    """Cached bytes go to a snapshot's reader only once its credentials are proven to read that
+    object: the cold GET that fetched it proves it for its reader (no HEAD); a reader with
+    other credentials proves each object it is served warm with one HEAD, and a later
+    snapshot, a pickled copy or a forked process with those credentials sends none."""
+    import multiprocessing
+
+    import s3fs
+
+    small = sorted(p for p in files if "/c" in p)
+    first = ray_cache.snapshot(prefix, filesystem=s3fs_proxied)
+    proxy.reset()
+    assert [first.cat_file(p) for p in small] == [files[p] for p in small]
+    assert len(data_gets(proxy)) == len(small) and heads(proxy) == [], "cold: the GETs were the proofs"
+
+    options = dict(s3_server.storage_options(endpoint_url=proxy.url), key="other-reader", secret="other-secret")
+    other = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    snap = ray_cache.snapshot(prefix, filesystem=other)
+    proxy.reset()
+    pages.reader().clear()
+    half = small[: len(small) // 2]
+    assert snap.cat(half) == {p: files[p] for p in half}
+    with snap.open(small[-1]) as f:
+        assert f.read() == files[small[-1]]
+    proved = sorted(r["path"].split("?")[0] for r in heads(proxy))
+    assert proved == sorted(f"/{p}" for p in half + [small[-1]]), "one HEAD per object served warm"
+    assert data_gets(proxy) == [], "served from the cache"
+
+    proxy.reset()
+    again = ray_cache.snapshot(prefix, filesystem=s3fs.S3FileSystem(**options, skip_instance_cache=True))
+    copy = pickle.loads(pickle.dumps(again))
+    assert [copy.cat_file(p) for p in half] == [files[p] for p in half]
+    ctx = multiprocessing.get_context("fork")
+    pool = ctx.Pool(1)
+    try:
+        got = pool.apply(_read_in_child, (again, half + [small[-1]]))
+    finally:
+        pool.close()
+        pool.join()
+    assert got == [files[p] for p in half + [small[-1]]]
+    assert [r["method"] for r in proxy.requests()] == ["GET"], (
+        "only the new snapshot's LIST: every object read was proven before")
+
+
+def test_a_proof_needs_an_object_not_a_prefix(cache, files, s3fs_proxied, prefix):
+    from ray_cache.store import access
+
+    refused = access.refused_on_node(s3fs_proxied, [f"{prefix}/c0", f"{prefix}/c0/f000.bin"])
+    assert list(refused) == [f"{prefix}/c0"] and isinstance(refused[f"{prefix}/c0"], FileNotFoundError)
+
+
+def _read_in_child(snap, paths):
+    out = []
+    for p in paths:
+        with snap.open(p) as f:
+            out.append(f.read())
+    return out
+
+
 def test_a_rewrite_after_the_snapshot(cache, files, s3fs_proxied, s3fs_direct, proxy, prefix):
     snap = ray_cache.snapshot(prefix, filesystem=s3fs_proxied, page_size=MiB)
     cached, uncached = f"{prefix}/c0/f000.bin", f"{prefix}/c0/f003.bin"

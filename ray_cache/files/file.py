@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
@@ -32,6 +32,9 @@ class CachedFile(AbstractBufferedFile):
         # A mapping pins no memory (only address space), and entries are immutable.
         self._views: Dict[int, memoryview] = {}
         self._ahead = Readahead(-(-obj.size // self._page_size))
+        #: Called once after the first bytes are read and before they are returned (a
+        #: snapshot proves the reader's right to read the object there: store/proofs.py).
+        self.check: Optional[Callable[[], None]] = None
         super().__init__(fs, path, mode="rb", block_size=block_size or fs.page_size,
                          cache_type="none", size=obj.size)
         self.details = info
@@ -91,6 +94,10 @@ class CachedFile(AbstractBufferedFile):
             if wanted:
                 self._ahead.start(list(wanted), lambda todo: reader.read_pages(target, [wanted[i] for i in todo]))
         out = reader.read_planned(fs.target, plan, lo, hi)
+        check = self.check
+        if check is not None:
+            check()  # raises before any byte of the object is returned
+            self.check = None
         for req in plan:
             index = req.start // size
             if index not in self._views:

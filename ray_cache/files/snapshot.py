@@ -18,8 +18,9 @@ Consistency, precisely
   version: ``cat_file``/``cat``/``cat_ranges`` look at the object again (one HEAD), record its
   new version in this snapshot and read that version whole; a file already open raises
   :class:`ray_cache.ObjectChangedError`, as the plain filesystem does.
-- An object **deleted** after the snapshot: cached pages are served as above; a fetch raises
-  ``FileNotFoundError``.
+- An object **deleted** after the snapshot: cached pages are served as above to a reader
+  whose right to it is proven on the node (see Rights); a fetch, or a reader who must
+  prove it now, gets ``FileNotFoundError``.
 - An object **added** after the snapshot is not seen (``FileNotFoundError``) until a refresh.
 - :meth:`SnapshotFileSystem.refresh` lists again and swaps the listing at once: every read
   that starts after it returns uses the new versions, so **no old version is read once a
@@ -30,10 +31,14 @@ Consistency, precisely
 
 Rights: the listing is taken with the reader's own credentials, and one object of it is
 HEADed with them (a right to list is not a right to read: a reader who may list the prefix
-but not read it gets ``PermissionError`` when the snapshot is taken or refreshed). A
-``Deny`` on single objects inside a prefix the reader may otherwise read is not seen: cached
-pages of such an object are served from the listing, since a request per file is what a
-snapshot exists to avoid (a cold read of it is a GET with the reader's credentials, refused).
+but not read it gets ``PermissionError`` when the snapshot is taken or refreshed). Each
+object read is then proven readable by *these* credentials before any of its bytes are
+returned, without a request per file on a warm epoch: the GET that fetched it cold (by a
+cache worker with the reader's filesystem, or by the reader) or a HEAD records a proof on
+the node (:mod:`ray_cache.store.proofs`) that every process with the same credentials uses
+for ``PROOF_TTL_S`` (a day). An object no proof covers costs one HEAD, so a ``Deny`` on
+single objects is seen warm or cold (``PermissionError``), and another user's first warm
+epoch costs a HEAD per file, once a day per node.
 
 The snapshot is read-only (writing through it raises ``io.UnsupportedOperation``; write
 through a :class:`ray_cache.files.fs.CacheFileSystem` and refresh). It pickles with its
@@ -55,7 +60,7 @@ from fsspec.utils import tokenize
 
 from ray_cache.files import pages
 from ray_cache.files.fs import CacheFileSystem, _ray_address
-from ray_cache.store import access
+from ray_cache.store import access, proofs
 from ray_cache.store.keys import StoreObject
 from ray_cache.store.underfs import resolve_filesystem, version_of
 
@@ -177,8 +182,7 @@ class SnapshotFileSystem(CacheFileSystem):
             raise FileNotFoundError(2, "No objects under this prefix", self.prefix)
         # A right to list is not a right to read: one object of the listing is proven
         # readable with these credentials (a HEAD), so a reader who may only list the prefix
-        # is refused here, not served cached bytes. A Deny on single objects inside a
-        # readable prefix is not seen (a HEAD per file is what a snapshot exists to avoid).
+        # is refused here; each object read is proven before it is served (_refused).
         access.RIGHTS.require(self.target, [min(entries)])
         return Listing(self.prefix, entries, taken_at)
 
@@ -313,6 +317,36 @@ class SnapshotFileSystem(CacheFileSystem):
             raise self._missing(path)
         return StoreObject(self.target_protocol, path, entry[0], entry[1]), self._file_info(path, entry)
 
+    # -- the right to read each object ----------------------------------------------------
+    def _refused(self, paths: List[str]) -> Dict[str, BaseException]:
+        """Of ``paths`` (read through this snapshot), those these credentials may not read."""
+        return access.refused_on_node(self.target, paths)
+
+    def _prove(self, path: str) -> None:
+        refused = self._refused([path])
+        if refused:
+            raise refused[path]
+
+    def cat_file(self, path: str, start: Optional[int] = None, end: Optional[int] = None,
+                 **kwargs: Any) -> bytes:
+        """Bytes ``[start, end)`` of a listed file, once its reader's right to it is proven."""
+        data = super().cat_file(path, start, end, **kwargs)
+        self._prove(self._strip_protocol(path))  # after the read: a cold GET is the proof
+        return data
+
+    def cat_ranges(self, paths: List[str], starts: Any, ends: Any, max_gap: Optional[int] = None,
+                   on_error: str = "return", **kwargs: Any) -> List[Any]:
+        """Byte ranges of listed files, each returned once its reader's right is proven."""
+        out = super().cat_ranges(paths, starts, ends, max_gap=max_gap, on_error="return", **kwargs)
+        names = [self._strip_protocol(p) for p in paths]
+        refused = self._refused([n for n, r in zip(names, out) if not isinstance(r, BaseException)])
+        out = [refused.get(n, r) if not isinstance(r, BaseException) else r for n, r in zip(names, out)]
+        if on_error == "raise":
+            for res in out:
+                if isinstance(res, BaseException):
+                    raise res
+        return out
+
     def open(self, path: str, mode: str = "rb", block_size: Optional[int] = None,
              cache_options: Optional[Dict[str, Any]] = None, compression: Optional[str] = None,
              **kwargs: Any) -> Any:
@@ -336,7 +370,11 @@ class SnapshotFileSystem(CacheFileSystem):
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
         if mode != "rb":
             raise self._refuse_write()
-        return super()._open(path, mode, *args, **kwargs)
+        f = super()._open(path, mode, *args, **kwargs)
+        name = f.path
+        if access.is_local(self.target) or not proofs.book_for(self.target).proven(name):
+            f.check = lambda: self._prove(name)  # after its first read: a cold GET proves it
+        return f
 
     def _write(self, method: str, remote: Tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
         raise self._refuse_write()

@@ -37,21 +37,15 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
-from ray_cache.store import underfs
+from ray_cache.store import proofs, underfs
 from ray_cache.store.errors import raise_translated
 from ray_cache.store.keys import StoreObject
+from ray_cache.store.proofs import is_local
 
 #: Seconds a reader's proven right to read an object is trusted in one process.
 ACCESS_TTL_S = 300.0
 #: Metadata requests in flight at once while proving rights.
 PARALLEL_CHECKS = 16
-
-
-def is_local(fs: Any) -> bool:
-    """Whether ``fs`` reads local files (rights: the OS's, checked with ``os.access``)."""
-    protocol = getattr(fs, "protocol", "")
-    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
-    return bool({"file", "local"} & set(protocols))
 
 
 class ReadRights:
@@ -75,6 +69,7 @@ class ReadRights:
             book = self._book(fs)
             for p in paths:
                 book[p] = now
+        proofs.note(fs, paths)  # and for this node's other readers (store/proofs.py)
 
     def note_head(self, fs: Any, paths: Sequence[str]) -> None:
         """Record that a HEAD of ``paths`` with ``fs`` just passed: a proof on a store, none for
@@ -92,27 +87,82 @@ class ReadRights:
             todo = [p for p in dict.fromkeys(paths) if now - book.get(p, -1e18) > self.ttl_s]
         if not todo:
             return 0
-        if is_local(fs):
-            for p in todo:
-                if not os.access(p, os.R_OK):
-                    raise PermissionError(13, "Permission denied", p)
-        else:
-            def head(path: str) -> None:
-                underfs.refresh(fs, path)  # a listing's cached entry must not stand in for the HEAD
-                try:
-                    underfs.bounded_call(fs, "info", path)
-                except Exception as exc:  # noqa: BLE001 - translated: PermissionError, FileNotFoundError
-                    raise_translated(exc, path)
-
-            with ThreadPoolExecutor(max_workers=min(PARALLEL_CHECKS, len(todo))) as pool:
-                for _ in pool.map(head, todo):
-                    pass
+        refused = _check(fs, todo)
+        if refused:
+            raise next(refused[p] for p in todo if p in refused)
         self.note(fs, todo)
         return len(todo)
 
 
 #: This process's proofs, shared by every reader in it.
 RIGHTS = ReadRights()
+
+
+def _head(fs: Any, path: str) -> None:
+    """A metadata request for ``path`` with ``fs``: the store authorizes it as a read."""
+    # A listing's cached entry must not stand in for the HEAD: neither the path's own nor
+    # its parent's (adlfs answers ``info`` from a cached listing of the parent).
+    underfs.refresh(fs, path)
+    if "/" in path:
+        underfs.refresh(fs, path.rsplit("/", 1)[0])
+    try:
+        info = underfs.bounded_call(fs, "info", path)
+    except Exception as exc:  # noqa: BLE001 - translated: PermissionError, FileNotFoundError
+        raise_translated(exc, path)
+    if info.get("type") != "file":  # keys under it, but no object of that name
+        raise FileNotFoundError(2, "No such object", path)
+
+
+def refused_on_node(fs: Any, paths: Sequence[str]) -> Dict[str, BaseException]:
+    """Prove ``fs`` may read each of ``paths`` with the proofs this node's processes recorded
+    (:mod:`ray_cache.store.proofs`: a GET or HEAD with the same credentials within
+    ``PROOF_TTL_S``), a HEAD for each path without one; returns the refusals by path
+    (``PermissionError``, ``FileNotFoundError``), empty when every path may be read.
+    Local files: ``os.access``.
+
+    Examples
+    --------
+    >>> import fsspec, tempfile
+    >>> fs = fsspec.filesystem("file")
+    >>> refused_on_node(fs, [os.path.join(tempfile.mkdtemp(), "missing")])  # doctest: +ELLIPSIS
+    {...: FileNotFoundError(2, 'No such file or directory')}
+    """
+    if is_local(fs):
+        return _check(fs, list(dict.fromkeys(paths)))
+    book = proofs.book_for(fs)
+    todo = [p for p in dict.fromkeys(paths) if not book.proven(p)]
+    if not todo:  # the warm path: every path proven on this node
+        return {}
+    refused = _check(fs, todo)
+    RIGHTS.note(fs, [p for p in todo if p not in refused])
+    return refused
+
+
+def _check(fs: Any, paths: Sequence[str]) -> Dict[str, BaseException]:
+    """Ask whether ``fs`` may read each of ``paths`` now (local files: ``os.access``; a store:
+    a HEAD each, :data:`PARALLEL_CHECKS` at a time); the refusals by path."""
+    out: Dict[str, BaseException] = {}
+    if is_local(fs):
+        for p in paths:
+            if not os.access(p, os.R_OK):
+                out[p] = (PermissionError(13, "Permission denied", p) if os.path.exists(p)
+                          else FileNotFoundError(2, "No such file or directory", p))
+        return out
+    if not paths:
+        return out
+
+    def head(path: str) -> Optional[BaseException]:
+        try:
+            _head(fs, path)
+        except Exception as exc:  # noqa: BLE001 - reported per path
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_CHECKS, len(paths))) as pool:
+        for path, exc in zip(paths, pool.map(head, paths)):
+            if exc is not None:
+                out[path] = exc
+    return out
 
 
 def list_readable(fs: Any, paths: Iterable[str], suffixes: Tuple[str, ...] = (),

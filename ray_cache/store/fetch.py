@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_cache.config import UNIT_TARGET_BYTES
-from ray_cache.store import conditional, parquet, underfs, versions
+from ray_cache.store import conditional, parquet, proofs, underfs, versions
 from ray_cache.store.errors import ObjectChangedError
 from ray_cache.store.keys import EntryKey, StoreObject
 
@@ -80,20 +80,24 @@ class CheckedFetcher:
         self.fs, self.obj, self.count = fs, obj, count
         self._plain = fetcher(fs, obj, count)
         self._unchecked = False
+        self._fetched = False  # a request of ours (with self.fs) returned the object's bytes
 
     def __call__(self, ranges: Sequence[Tuple[int, int]]) -> List[bytes]:
         blobs = conditional.read_ranges_checked(self.fs, self.obj, ranges)
         if blobs is None:
             self._unchecked = True
-            return self._plain(ranges)
-        if self.count is not None:
+            blobs = self._plain(ranges)
+        elif self.count is not None:
             self.count(len(ranges), sum(len(b) for b in blobs))
+        self._fetched = self._fetched or bool(ranges)
         return blobs
 
     def done(self) -> None:
         """Raise :class:`ObjectChangedError` unless every read was of the planned version."""
         if self._unchecked:
             check_version(self.fs, self.obj)
+        if self._fetched:  # the store gave these credentials its bytes: a proof (store/proofs.py)
+            proofs.note(self.fs, [self.obj.path])
 
 
 def check_version(fs: Any, obj: StoreObject) -> None:
