@@ -355,7 +355,7 @@ def unit_id(obj: StoreObject, unit: parquet.Unit) -> Tuple[str, str, int]:
 def _as_one(read: Any) -> List[pa.Table]:
     """The tables ``read()`` yields, as one block (side by side: no copy)."""
     tables = list(read())
-    return [pa.concat_tables(tables) if len(tables) > 1 else tables[0]] if tables else []
+    return [shaping.one_block(tables)] if tables else []
 
 
 def partition_columns(obj: StoreObject, schema: pa.Schema, partitioning: Any) -> Tuple[Tuple[str, ...], ...]:

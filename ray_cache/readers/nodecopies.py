@@ -39,14 +39,13 @@ import dataclasses
 import itertools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_cache.cluster import hashing, membership, routing
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
-from ray_cache.readers import placement
+from ray_cache.readers import placement, shaping
 
 #: Share of a node's object store that the memory tier and the copies may take together.
 COPY_FRACTION = 0.7
@@ -70,15 +69,23 @@ def _copy_here(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef], a
     same chain waits for (``after``: that of the task before it, resolved by Ray first)."""
     tables = list(routing.read_units(fs, requests, workers))
     if whole:  # one block: no copy here (chunks side by side), one object to store and move
-        return pa.concat_tables(tables) if len(tables) > 1 else tables[0], None
+        return shaping.one_block(tables), None
     return (*tables, None)
 
 
 _copy_task = ray.remote(num_cpus=0, max_retries=3)(_copy_here)
 
 
-def _chunks(items: Sequence[int], sizes: Sequence[int], limit: int) -> List[List[int]]:
-    """Consecutive runs of ``items`` of at most ``limit`` bytes each (at least one item)."""
+def chains_on(cpus: float) -> int:
+    """Copy (or read) tasks a node runs at once: ``CHAINS``, fewer where it has fewer CPUs."""
+    return max(1, min(CHAINS, int(cpus)))
+
+
+def cut(items: Sequence[int], sizes: Sequence[int], cpus: float) -> List[List[int]]:
+    """A node's units (``items``, indexes into ``sizes``) cut into the tasks that make its
+    blocks: consecutive runs of at most ``TASK_BYTES``, and at least one run per chain
+    where there are units enough (each run one block)."""
+    limit = max(1, min(TASK_BYTES, -(-sum(sizes[i] for i in items) // chains_on(cpus))))
     out: List[List[int]] = [[]]
     total = 0
     for i in items:
@@ -142,9 +149,9 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
     blocks: Dict[str, List[Tuple[int, Any, Any]]] = {}  # by node: (first unit, ref, meta)
     for node, idx in home.items():
         where = NodeAffinitySchedulingStrategy(node, soft=True)
-        chains: List[Any] = [None] * max(1, min(CHAINS, int(resources.get(node, {}).get("CPU", 1))))
-        limit = max(1, min(TASK_BYTES, -(-sum(sizes[i] for i in idx) // len(chains))))
-        for n, chunk in enumerate(_chunks(sorted(idx), sizes, limit)):
+        cpus = resources.get(node, {}).get("CPU", 1)
+        chains: List[Any] = [None] * chains_on(cpus)
+        for n, chunk in enumerate(cut(sorted(idx), sizes, cpus)):
             one = not ordered
             *out, chains[n % len(chains)] = _copy_task.options(
                 num_returns=2 if one else len(chunk) + 1, scheduling_strategy=where).remote(
@@ -169,5 +176,5 @@ def _round_robin(groups: Sequence[Sequence[Any]]) -> List[Any]:
     return [i for row in itertools.zip_longest(*groups, fillvalue=missing) for i in row if i is not missing]
 
 
-__all__ = ["plan", "COPY_FRACTION", "TASK_BYTES"]
+__all__ = ["plan", "cut", "chains_on", "COPY_FRACTION", "TASK_BYTES"]
 

@@ -50,9 +50,8 @@ import ray
 
 from ray_cache.cluster import membership
 from ray_cache.cluster.membership import WorkerRef
-from ray_cache.readers import placement
+from ray_cache.readers import nodecopies, placement
 from ray_cache.readers.datasource import unit_id
-from ray_cache.readers.nodecopies import CHAINS, TASK_BYTES
 
 #: Ray's label naming the node a task runs on.
 NODE_LABEL = "ray.io/node-id"
@@ -69,14 +68,14 @@ def plan(source: Any, workers: Sequence[WorkerRef]) -> Optional["ray.data.Datase
     if set(by_node) == {ray.get_runtime_context().get_node_id()}:
         return None
     resources = membership.node_resources()
+    sizes = [r.unit.nbytes for r in reqs]
     reads = []
     for node, idx in sorted(by_node.items()):
         cpus = max(1, int(resources.get(node, {}).get("CPU", 1)))
-        # as the warm copies are cut: a block per task, up to TASK_BYTES, a task per chain
-        tasks = max(min(len(idx), CHAINS, cpus), -(-sum(reqs[i].unit.nbytes for i in idx) // TASK_BYTES))
+        tasks = nodecopies.cut(sorted(idx), sizes, cpus)  # as the warm copies are cut
         reads.append(ray.data.read_datasource(
             source.restricted([unit_id(reqs[i].obj, reqs[i].unit) for i in idx], whole=True),
-            override_num_blocks=min(tasks, len(idx)), num_cpus=0, concurrency=cpus,
+            override_num_blocks=len(tasks), num_cpus=0, concurrency=cpus,
             label_selector={NODE_LABEL: node}, fallback_strategy=ANYWHERE))
     return reads[0] if len(reads) == 1 else reads[0].union(*reads[1:])
 

@@ -78,3 +78,14 @@ def row_hashes(path: str, start_row: int, num_rows: int) -> Any:
     keys *= np.uint64(0x94D049BB133111EB)
     keys ^= keys >> np.uint64(31)
     return keys
+
+
+def one_block(tables: Sequence[pa.Table]) -> pa.Table:
+    """``tables`` (at least one, same schema) as one block, side by side: no copy.
+
+    Examples
+    --------
+    >>> one_block([pa.table({"x": [1]}), pa.table({"x": [2, 3]})]).num_rows
+    3
+    """
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
