@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import threading
 import time
 
@@ -277,6 +278,40 @@ def test_page_entries_map_without_pyarrow_exactly_as_pyarrow_reads_them(tmp_path
     key2 = "dd" + "c" * 62
     tier.put(key2, other)
     assert map_page_file(tier._path(key2), key2, 3) is None
+    tier.close()
+
+
+def test_page_files_of_one_shape_are_read_as_the_full_parse_reads_them(tmp_path):
+    """A page file shaped like one parsed before (length, key length, page length) is read
+    from what that parse learnt; it must agree with a full parse for every byte changed."""
+    from ray_cache.node.pageentry import page_table
+    from ray_cache.node.tiers import ipcpage
+    from ray_cache.node.tiers.checksum import sealed_body
+
+    tier = DiskTier(str(tmp_path), capacity=10**9)
+    rng = np.random.default_rng(5)
+    ipcpage._LAYOUTS.clear()
+    files = []
+    for i in range(6):  # one shape: labels of one length, other contents
+        data = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+        key = f"{i:02x}" + "d" * 62
+        assert tier.put(key, page_table(data), ("s3", f"bucket/img{i:04d}.jpg"))
+        files.append((key, data, bytes(sealed_body(open(tier._path(key), "rb").read()))))
+        assert bytes(ipcpage.map_page_file(tier._path(key), key, len(data))) == data
+    assert len(ipcpage._LAYOUTS) == 1, "one shape, parsed once"
+    key, data, body = files[1]
+    assert ipcpage.page_in(body, files[2][0], len(data)) is None, "another key's file"
+    assert ipcpage.page_in(body, key, len(data) - 1) is None, "another size"
+    header = ipcpage._LAYOUTS[(len(body), len(key), len(data))].data_at
+    for pos in range(header + 32):  # every header byte and the value's offsets, changed
+        bad = bytearray(body)
+        bad[pos] ^= 0x5A
+        try:
+            full = ipcpage._parse(memoryview(bytes(bad)), key.encode(), len(data))
+        except (struct.error, ValueError, IndexError, TypeError):  # what page_in turns into None
+            full = None
+        got = ipcpage.page_in(bytes(bad), key, len(data))
+        assert (None if full is None else bytes(full[0])) == (None if got is None else bytes(got)), pos
     tier.close()
 
 
