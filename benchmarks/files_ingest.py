@@ -154,7 +154,7 @@ def run_epoch(ds: Any, args: argparse.Namespace) -> Dict[str, float]:
         wait += time.perf_counter() - t0
         if batch is None:
             break
-        samples += len(batch[1]) if isinstance(batch[1], torch.Tensor) else len(batch)
+        samples += len(batch[1]) if tensors else len(batch)  # (images, targets), or samples
         time.sleep(args.compute_ms / 1000)
         compute += args.compute_ms / 1000
     epoch_s = time.perf_counter() - start
