@@ -60,7 +60,7 @@ from fsspec.utils import tokenize
 
 from ray_cache.files import pages
 from ray_cache.files.fs import CacheFileSystem, _ray_address
-from ray_cache.store import access, proofs
+from ray_cache.store import access
 from ray_cache.store.keys import StoreObject
 from ray_cache.store.underfs import resolve_filesystem, version_of
 
@@ -372,8 +372,7 @@ class SnapshotFileSystem(CacheFileSystem):
             raise self._refuse_write()
         f = super()._open(path, mode, *args, **kwargs)
         name = f.path
-        if access.is_local(self.target) or not proofs.book_for(self.target).proven(name):
-            f.check = lambda: self._prove(name)  # after its first read: a cold GET proves it
+        f.check = lambda: self._prove(name)  # after its first read: a cold GET proves it
         return f
 
     def _write(self, method: str, remote: Tuple[int, ...], *args: Any, **kwargs: Any) -> Any:

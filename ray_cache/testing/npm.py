@@ -54,11 +54,6 @@ def ensure_npm_package(package: str, version: str, executable: str, prefix: Path
     return str(exe)
 
 
-def install_dir(name: str, env_var: str, given: Optional[os.PathLike]) -> Path:
-    """``given`` if set, else :func:`default_prefix`."""
-    return Path(given) if given is not None else default_prefix(name, env_var)
-
-
 class NodeServer(ManagedProcess):
     """A server from an npm package on ``127.0.0.1`` and a free port, its data in a
     temporary directory removed at :meth:`stop`. Subclasses name the package and build
@@ -76,8 +71,8 @@ class NodeServer(ManagedProcess):
     def executable(self, timeout: float = 600.0) -> str:
         """The server's executable, installed with npm if needed (within ``timeout`` s)."""
         package, version, executable, env_var = self.npm
-        return ensure_npm_package(package, version, executable,
-                                  install_dir(package, env_var, self.install_dir), timeout)
+        prefix = Path(self.install_dir) if self.install_dir is not None else default_prefix(package, env_var)
+        return ensure_npm_package(package, version, executable, prefix, timeout)
 
     def _command(self, exe: str, location: str) -> List[str]:
         raise NotImplementedError

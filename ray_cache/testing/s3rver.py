@@ -12,19 +12,17 @@ or ``<repository>/.cache/s3rver``.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List
 
 from ray_cache.testing.npm import NodeServer
-from ray_cache.testing.s3server import REGION
+from ray_cache.testing.s3server import S3Endpoint
 
 __all__ = ["S3rverServer", "S3RVER_VERSION"]
 
 S3RVER_VERSION = "3.7.1"
-# s3rver's fixed development credentials (documented by the package; not a secret).
-_KEY = _SECRET = "S3RVER"
 
 
-class S3rverServer(NodeServer):
+class S3rverServer(S3Endpoint, NodeServer):
     """s3rver on ``127.0.0.1`` and a free port, objects in a temporary directory.
 
     Examples
@@ -35,18 +33,8 @@ class S3rverServer(NodeServer):
     """
 
     npm = ("s3rver", S3RVER_VERSION, "s3rver", "RAY_CACHE_S3RVER_DIR")
+    # s3rver's fixed development credentials (documented by the package; not a secret).
+    access_key = secret_key = "S3RVER"
 
     def _command(self, exe: str, location: str) -> List[str]:
         return [exe, "-d", location, "-a", "127.0.0.1", "-p", str(self.port), "--silent"]
-
-    def storage_options(self, endpoint_url: Optional[str] = None) -> dict[str, Any]:
-        """s3fs options for this server (or a proxy before it)."""
-        return {"key": _KEY, "secret": _SECRET,
-                "client_kwargs": {"endpoint_url": endpoint_url or self.endpoint_url, "region_name": REGION}}
-
-    def create_bucket(self, name: str) -> None:
-        """Create a bucket with boto3."""
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=_KEY,
-                     aws_secret_access_key=_SECRET, region_name=REGION).create_bucket(Bucket=name)

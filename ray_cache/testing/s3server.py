@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
-    "S3Server", "ManagedProcess", "s3_data_gets", "free_port", "FAKE_KEY", "FAKE_SECRET", "REGION",
+    "S3Server", "S3Endpoint", "ManagedProcess", "s3_data_gets", "free_port", "FAKE_KEY", "FAKE_SECRET", "REGION",
 ]
 
 FAKE_KEY = "testing"
@@ -167,7 +167,71 @@ class ManagedProcess:
             proc.kill()
 
 
-class S3Server(ManagedProcess):
+class S3Endpoint:
+    """Clients of an S3-compatible server at ``self.endpoint_url`` with its development
+    credentials (``access_key``, ``secret_key``): what every S3 server of the bench offers."""
+
+    endpoint_url: str
+    access_key = FAKE_KEY
+    secret_key = FAKE_SECRET
+
+    def storage_options(self, endpoint_url: str | None = None) -> dict[str, Any]:
+        """Return s3fs storage options for this server (or a proxy before it).
+
+        Parameters
+        ----------
+        endpoint_url : str, optional
+            Endpoint to use instead of the server's own, e.g. a proxy's url.
+
+        Returns
+        -------
+        dict
+            ``{"key", "secret", "client_kwargs": {"endpoint_url", "region_name"}}``.
+        """
+        return {
+            "key": self.access_key,
+            "secret": self.secret_key,
+            "client_kwargs": {
+                "endpoint_url": endpoint_url or self.endpoint_url,
+                "region_name": REGION,
+            },
+        }
+
+    def boto3_client(self, endpoint_url: str | None = None) -> Any:
+        """Return a boto3 S3 client with the fake credentials.
+
+        Parameters
+        ----------
+        endpoint_url : str, optional
+            Endpoint to use instead of the server's own.
+
+        Returns
+        -------
+        botocore.client.S3
+            A new client.
+        """
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint_url or self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=REGION,
+        )
+
+    def create_bucket(self, name: str) -> None:
+        """Create a bucket with boto3 (s3fs ``mkdir`` does not work on moto).
+
+        Parameters
+        ----------
+        name : str
+            Bucket name.
+        """
+        self.boto3_client().create_bucket(Bucket=name)
+
+
+class S3Server(S3Endpoint, ManagedProcess):
     """A moto S3 server subprocess on ``127.0.0.1`` and a free port.
 
     Parameters
@@ -214,61 +278,6 @@ class S3Server(ManagedProcess):
         proc = self._spawn(cmd, "moto_server_", stdin=subprocess.DEVNULL, env=env)
         self._wait_until_up(proc, "moto_server")
         return self
-
-    def storage_options(self, endpoint_url: str | None = None) -> dict[str, Any]:
-        """Return s3fs storage options for this server (or a proxy before it).
-
-        Parameters
-        ----------
-        endpoint_url : str, optional
-            Endpoint to use instead of the server's own, e.g. a proxy's url.
-
-        Returns
-        -------
-        dict
-            ``{"key", "secret", "client_kwargs": {"endpoint_url", "region_name"}}``.
-        """
-        return {
-            "key": FAKE_KEY,
-            "secret": FAKE_SECRET,
-            "client_kwargs": {
-                "endpoint_url": endpoint_url or self.endpoint_url,
-                "region_name": REGION,
-            },
-        }
-
-    def boto3_client(self, endpoint_url: str | None = None) -> Any:
-        """Return a boto3 S3 client with the fake credentials.
-
-        Parameters
-        ----------
-        endpoint_url : str, optional
-            Endpoint to use instead of the server's own.
-
-        Returns
-        -------
-        botocore.client.S3
-            A new client.
-        """
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=endpoint_url or self.endpoint_url,
-            aws_access_key_id=FAKE_KEY,
-            aws_secret_access_key=FAKE_SECRET,
-            region_name=REGION,
-        )
-
-    def create_bucket(self, name: str) -> None:
-        """Create a bucket with boto3 (s3fs ``mkdir`` does not work on moto).
-
-        Parameters
-        ----------
-        name : str
-            Bucket name.
-        """
-        self.boto3_client().create_bucket(Bucket=name)
 
 
 def s3_data_gets(records: list[dict[str, Any]], bucket: str | None = None) -> list[dict[str, Any]]:

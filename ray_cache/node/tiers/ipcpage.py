@@ -91,32 +91,20 @@ def _message(buf: Any, pos: int) -> "tuple[_Table, int]":
     return _Table(buf[start:start + length], root - start), start + length
 
 
-def _key_of(schema: _Table) -> Optional[bytes]:
+def _metadata(schema: _Table, base: int) -> List[Tuple[bytes, int, int]]:
+    """The schema's metadata as ``(name, start, end)``: each value's bytes lie at
+    ``[start, end)`` of the file (``base``: where the schema's flatbuffer starts)."""
+    out = []
     first, count = schema.vector(2)  # Schema.custom_metadata: [KeyValue]
     for i in range(count):
         at = first + 4 * i
         kv = _Table(schema.buf, at + struct.unpack_from("<I", schema.buf, at)[0])
-        key_at, value_at = kv._field(0), kv._field(1)
-        if key_at and value_at and kv.string(key_at) == b"ray_cache.key":
-            return kv.string(value_at)
-    return None
-
-
-def _value_spans(schema: _Table, base: int) -> List[Tuple[int, int]]:
-    """Where the metadata's value strings lie in the file (``base``: where the schema's
-    flatbuffer starts), as ``[start, end)``: the bytes that differ between page files
-    whose layout is the same (the key, the label's protocol and path)."""
-    spans = []
-    first, count = schema.vector(2)
-    for i in range(count):
-        at = first + 4 * i
-        kv = _Table(schema.buf, at + struct.unpack_from("<I", schema.buf, at)[0])
-        value_at = kv._field(1)
-        if value_at:
+        name_at, value_at = kv._field(0), kv._field(1)
+        if name_at and value_at:
             s_at = value_at + struct.unpack_from("<I", schema.buf, value_at)[0]
             n = struct.unpack_from("<I", schema.buf, s_at)[0]
-            spans.append((base + s_at + 4, base + s_at + 4 + n))
-    return sorted(spans)
+            out.append((kv.string(name_at), base + s_at + 4, base + s_at + 4 + n))
+    return out
 
 
 class _Layout(NamedTuple):
@@ -142,7 +130,11 @@ def _parse(view: memoryview, key: bytes, nbytes: int) -> Optional[Tuple[memoryvi
         return None
     schema_msg, pos = _message(view, 8)
     schema = schema_msg.table(2)  # Message.header
-    if schema_msg.scalar(1, "<B") != 1 or schema is None or _key_of(schema) != key:
+    if schema_msg.scalar(1, "<B") != 1 or schema is None:
+        return None
+    values = _metadata(schema, 16)  # the schema's flatbuffer follows magic, padding, prefix
+    key_at, key_end = next(((a, b) for name, a, b in values if name == b"ray_cache.key"), (0, 0))
+    if not key_at or view[key_at:key_end] != key:
         return None
     batch_msg, body = _message(view, pos)
     batch = batch_msg.table(2)
@@ -160,15 +152,11 @@ def _parse(view: memoryview, key: bytes, nbytes: int) -> Optional[Tuple[memoryvi
     lo, hi = struct.unpack_from("<qq", view, body + off_at)
     if lo != 0 or hi != nbytes or body + data_at + nbytes > len(view) - 10:
         return None
-    spans = _value_spans(schema, 16)  # the schema's flatbuffer follows magic, padding, prefix
-    key_at = [a for a, b in spans if bytes(view[a:b]) == key]
-    if len(key_at) != 1 or spans[-1][1] > body:  # not a shape to remember
-        return view[body + data_at:body + data_at + nbytes], _Layout((), -1, -1, -1)
-    same, at = [], 0
-    for a, b in spans + [(body, body)]:
+    same, at = [], 0  # the header outside the values, which alone differ within a shape
+    for _name, a, b in sorted(values, key=lambda v: v[1]) + [(b"", body, body)]:
         same.append((at, bytes(view[at:a])))
         at = b
-    layout = _Layout(tuple(same), key_at[0], body + off_at, body + data_at)
+    layout = _Layout(tuple(same), key_at, body + off_at, body + data_at)
     return view[body + data_at:body + data_at + nbytes], layout
 
 
@@ -187,10 +175,9 @@ def page_in(buf: Any, key: str, nbytes: int) -> Optional[memoryview]:
         if parsed is None:
             return None
         out, layout = parsed
-        if layout.key_at >= 0:
-            if len(_LAYOUTS) >= _LAYOUTS_MAX:
-                _LAYOUTS.clear()
-            _LAYOUTS[shape] = layout
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()
+        _LAYOUTS[shape] = layout
         return out
     except (struct.error, ValueError, IndexError, TypeError):
         return None
