@@ -41,13 +41,16 @@ def test_replicas_on_every_node_are_mapped_there_and_the_store_is_read_once(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     fresh_cache(tmp_path)
     blob = os.urandom(PAGES * PAGE_SIZE - 1000)
-    path = f"{prefix}/model.bin"
-    s3fs_direct.pipe_file(path, blob)
     workers = membership.live_workers()
     names = [w.name for w in workers]
     assert len(workers) == 2
-    # The control needs pages owned by each worker (5 pages all on one owner: 1 in 16), or a
-    # node would have nothing to ask of another's worker.
+    # The model and the control need pages owned by each worker (5 pages all on one owner: 1
+    # in 16), or a node would have no replica to map, or nothing to ask of another's worker.
+    for n in range(50):
+        path = f"{prefix}/model-{n}.bin"
+        s3fs_direct.pipe_file(path, blob)
+        if len({hashing.owner(d, names) for d in _page_digests(s3fs_direct, path)}) == 2:
+            break
     for n in range(50):
         control = f"{prefix}/other-{n}.bin"
         s3fs_direct.pipe_file(control, blob[::-1])
