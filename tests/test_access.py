@@ -149,7 +149,8 @@ def test_a_reader_without_rights_is_refused_warm_or_cold(cache, secured):
         ray_cache.read_parquet(f"s3://{BUCKET}/table/*.parquet", filesystem=bob)
     # bob, warm, in a second driver on the same cluster and cache
     run = subprocess.run([sys.executable, "-c", BOB_SCRIPT, json.dumps(users["bob"])],
-                         capture_output=True, text=True, timeout=180, env={**os.environ})
+                         capture_output=True, text=True, timeout=180,
+                         env=dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address))
     assert run.returncode == 0, run.stderr[-3000:]
     verdicts = json.loads(run.stdout.strip().splitlines()[-1])
     for name, verdict in verdicts.items():
