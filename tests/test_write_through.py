@@ -7,6 +7,7 @@ read back are compared with what s3fs itself reads from the store.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from ray_cache.cluster import membership
 from ray_cache.files import pages
 from ray_cache.files.fs import CacheFileSystem
 from ray_cache.files.pagebuf import PAGE_SIZE
+from ray_cache.files.write import INLINE_BYTES
 
 MiB = 1 << 20
 
@@ -48,14 +50,17 @@ def _read_back_cold_here(rfs, path):
     return rfs.cat_file(path)
 
 
-@pytest.mark.parametrize("size", [0, 1000, 9 * MiB + 5], ids=["empty", "small", "pages"])
+@pytest.mark.parametrize("size, write", [(0, 3 * MiB), (1000, 3 * MiB), (INLINE_BYTES, 100_000),
+                                         (INLINE_BYTES + 1, 400_000), (9 * MiB + 5, 3 * MiB)],
+                         ids=["empty", "small", "small in many writes (sent with the call)",
+                              "one byte over (spooled)", "pages"])
 def test_a_file_written_through_is_read_back_with_no_data_request(cache, s3fs_direct, s3fs_proxied, proxy,
-                                                                  prefix, size):
+                                                                  prefix, size, write):
     rfs, data, path = _rfs(s3fs_proxied), _blob(size), f"{prefix}/w.bin"
     before = ray_cache.stats()["written_entries"]
     with rfs.open(path, "wb") as f:
-        for i in range(0, size, 3 * MiB):
-            f.write(data[i:i + 3 * MiB])
+        for i in range(0, size, write):
+            f.write(data[i:i + write])
     assert s3fs_direct.cat_file(path) == data, "the store has the bytes"
     proxy.reset()
     assert _read_back_cold_here(rfs, path) == data
@@ -124,6 +129,7 @@ def test_a_writer_killed_mid_upload_leaves_nothing_behind(cache, s3_server, s3fs
     path = f"{prefix}/killed.bin"
     aborted = ray_cache.stats()["uploads_aborted"]
     run = subprocess.run([sys.executable, "-c", KILLED_WRITER, json.dumps(s3_server.storage_options()), path],
+                         env=dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address),
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == -9 and "part sent" in run.stdout, run.stderr[-3000:]
     # The worker on this node looks at its writers every second; wait for it, bounded.
@@ -171,7 +177,8 @@ def test_written_on_one_node_read_on_another_with_no_data_request(gpu_nodes, tmp
     a, b = sorted(gpu_node_ids())
     rfs = _rfs(s3fs_proxied)
     data = _blob(13 * MiB + 3, 2)
-    paths = [f"{prefix}/ckpt/one-shot.bin", f"{prefix}/ckpt/multipart.bin"]
+    paths = [f"{prefix}/ckpt/one-shot.bin", f"{prefix}/ckpt/multipart.bin", f"{prefix}/ckpt/config.json"]
+    small = data[:300_000]  # sent to its owner with the call, not through the object store
 
     @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(a, soft=False))
     def write(fs):
@@ -179,6 +186,8 @@ def test_written_on_one_node_read_on_another_with_no_data_request(gpu_nodes, tmp
             f.write(data)
         with fs.open(paths[1], "wb", block_size=5 * MiB) as f:
             f.write(data)
+        with fs.open(paths[2], "wb") as f:
+            f.write(small)
         return ray.get_runtime_context().get_node_id()
 
     @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(b, soft=False))
@@ -188,7 +197,7 @@ def test_written_on_one_node_read_on_another_with_no_data_request(gpu_nodes, tmp
     assert ray.get(write.remote(rfs), timeout=300) == a
     proxy.reset()
     got, node = ray.get(read.remote(rfs), timeout=300)
-    assert node == b and got == [data, data] == [s3fs_direct.cat_file(p) for p in paths]
+    assert node == b and got == [data, data, small] == [s3fs_direct.cat_file(p) for p in paths]
     assert data_gets(proxy) == [], "written on one node, read on another: no data request"
 
 

@@ -57,6 +57,26 @@ def hand_over(obj: StoreObject, refs: List[ray.ObjectRef], page_size: int, worke
     return counts
 
 
+#: Bytes per argument of :func:`hand_over_bytes`: below Ray's 100 KiB limit for arguments
+#: sent inside the task itself (``max_direct_call_object_size``), not through the object store.
+INLINE_CHUNK = 96 * 1024
+
+
+def hand_over_bytes(obj: StoreObject, data: bytes, page_size: int, workers: Sequence[WorkerRef]) -> Dict[str, int]:
+    """Give a small file's one page (``data``: the whole file) to its owner inside the call
+    (chunks of :data:`INLINE_CHUNK`, each sent with the task, none put in the object store);
+    returns ``{"pages": 1, "units": 0}`` once it is claimed (none for an empty file)."""
+    if not data:
+        return {"pages": 0, "units": 0}
+    if len(data) > page_size:
+        raise ValueError(f"{len(data)} bytes are more than one page ({page_size})")
+    req = fetch.page_request(obj, 0, page_size)
+    owner = workers[hashing.owner(req.key.digest, [w.name for w in workers])]
+    chunks = [data[i:i + INLINE_CHUNK] for i in range(0, len(data), INLINE_CHUNK)]
+    n = ray.get(owner.handle.adopt_page_bytes.remote(req, *chunks), timeout=2 * WORKER_TIMEOUT_S)
+    return {"pages": n, "units": 0}
+
+
 def _parquet_calls(obj: StoreObject, refs: List[ray.ObjectRef], page_size: int,
                    workers: Sequence[WorkerRef], names: List[str]) -> List[Any]:
     read = _page_fetcher(refs, page_size)

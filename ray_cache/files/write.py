@@ -8,7 +8,10 @@ process's object store as it fills (:class:`PageSpool`). When the target's ``clo
 returns (the store has accepted the object) and the store's version is proven to be these
 bytes (:mod:`ray_cache.store.written`: one HEAD), each page goes to its owning worker
 (``adopt_pages``: the worker takes it from this node's object store), so the first read
-anywhere sends no data request. ``close`` waits until every owner has the bytes on its
+anywhere sends no data request. A small file (at most :data:`INLINE_BYTES`, one page: part
+files, images, configs) is kept in this process instead and goes to its owner inside the
+call itself (:func:`ray_cache.files.handover.hand_over_bytes`): no object to put, none for
+the owner to resolve. ``close`` waits until every owner has the bytes on its
 node and has claimed its pages (bounded by ``WORKER_TIMEOUT_S``): from then on a reader
 anywhere waits for the owner's copy rather than fetching, and this process may exit.
 
@@ -36,7 +39,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import ray
 
@@ -55,6 +58,8 @@ log = logging.getLogger("ray_cache.files.write")
 
 #: Bytes per chunk when ``put_file`` copies a local file.
 COPY_CHUNK = 8 * 1024**2
+#: A file of at most this many bytes (and one page) is handed over by value, not spooled.
+INLINE_BYTES = 1024**2
 
 
 class WritingFile(io.IOBase):
@@ -70,6 +75,9 @@ class WritingFile(io.IOBase):
         self._proof = WriteProof(self._protocol)
         self._workers = list(workers or [])
         self._spool: Optional[PageSpool] = PageSpool(fs.page_size) if self._workers else None
+        # A file's bytes while it is small (None once it is not): see INLINE_BYTES.
+        self._small: Optional[bytearray] = bytearray() if self._spool is not None else None
+        self._small_max = min(INLINE_BYTES, fs.page_size)
         self._upload: Optional[Any] = None  # (worker handle, upload id) while S3 has it open
         self._done = False
         self._head = self._tail = b""  # a file's first and last 4 bytes: is it Parquet?
@@ -129,7 +137,15 @@ class WritingFile(io.IOBase):
             self._head += bytes(view[:4 - len(self._head)])
         self._tail = (self._tail + bytes(view[-4:]))[-4:]
         if self._spool is not None:
-            self._spool.add(data)
+            small = self._small
+            if small is not None and len(small) + view.nbytes <= self._small_max:
+                small += view
+            else:
+                if small is not None:  # no longer small: spool what was kept, then the rest
+                    self._small = None
+                    if small:
+                        self._spool.add(bytes(small))
+                self._spool.add(data)
         return n
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -147,6 +163,10 @@ class WritingFile(io.IOBase):
             return
         self._done = True
         spool, self._spool = self._spool, None
+        small, self._small = self._small, None
+        if small and self._head == self._tail == handover.MAGIC:
+            spool.add(bytes(small))  # Parquet: its units are handed over from spooled pages
+            small = None
         if spool is not None:
             spool.end()  # its last page goes into the object store while the store commits
         try:
@@ -166,6 +186,10 @@ class WritingFile(io.IOBase):
         self._forget_upload()
         if spool is not None:
             try:
+                if small is not None:
+                    spool.drop()  # it was given nothing
+                    self._hand_over(bytes(small))
+                    return
                 refs = spool.finish()
                 if refs is None:
                     raise spool.failed or RuntimeError("no pages")
@@ -179,7 +203,7 @@ class WritingFile(io.IOBase):
             return
         if self._spool is not None:
             self._spool.drop()
-        self._done, self._spool = True, None
+        self._done, self._spool, self._small = True, None, None
         f = self._f
         try:
             if self._protocol == "file":
@@ -195,7 +219,9 @@ class WritingFile(io.IOBase):
             self._fs.invalidate_cache(self.path)
 
     # -- write-through -----------------------------------------------------------------
-    def _hand_over(self, refs: List[ray.ObjectRef]) -> None:
+    def _hand_over(self, pages: Union[List[ray.ObjectRef], bytes]) -> None:
+        """Give the written pages to their owners: spooled (``refs``), or a small file's
+        bytes."""
         target = self._fs.target
         info = proven_version(target, self.path, self._proof)
         if info is None:
@@ -206,11 +232,17 @@ class WritingFile(io.IOBase):
             access.RIGHTS.note_head(target, [self.path])  # that HEAD proved this process may read it
         obj = object_of(target, info, self._protocol)
         parquet_like = self._head == self._tail == handover.MAGIC
+
+        def give() -> Dict[str, int]:
+            if isinstance(pages, bytes):
+                return handover.hand_over_bytes(obj, pages, self._fs.page_size, self._workers)
+            return handover.hand_over(obj, pages, self._fs.page_size, self._workers, parquet_like)
+
         try:
-            counts = handover.hand_over(obj, refs, self._fs.page_size, self._workers, parquet_like)
+            counts = give()
         except WORKER_GONE:  # this process knew workers that have been replaced: ask Ray again
             self._workers = self._fs._reader().workers(refresh=True) or []
-            counts = handover.hand_over(obj, refs, self._fs.page_size, self._workers, parquet_like)
+            counts = give()
         self._fs._reader()._count(written_pages=counts["pages"], written_units=counts["units"])
 
     def _watch(self) -> None:

@@ -272,6 +272,12 @@ class CacheWorker:
         return sum(self.cache.fill_later(r.key, loader(r, d), self._handovers.submit)
                    for r, d in zip(requests, pages))
 
+    def adopt_page_bytes(self, request: PageRequest, *chunks: bytes) -> int:
+        """:meth:`adopt_pages` for one page sent inside the call (a small file: its bytes
+        in ``chunks``, joined here), as :func:`ray_cache.files.handover.hand_over_bytes`
+        sends it."""
+        return self.adopt_pages([request], b"".join(chunks))
+
     def adopt_parquet(self, obj: StoreObject, footer: Optional[bytes], units: Sequence[UnitRequest],
                       spans: Sequence[Sequence[int]], page_ids: Sequence[int], page_size: int,
                       *pages: Any) -> int:
