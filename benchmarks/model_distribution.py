@@ -3,11 +3,13 @@
 Run it with::
 
     python benchmarks/model_distribution.py [--mb 1024] [--nodes 1,2,4] [--link-mb-s 40] \\
-        [--concurrent 32] [--concurrent-mb 128] [--json out.json]
+        [--concurrent 32] [--concurrent-mb 128] [--server moto|s3rver] [--json out.json]
 
 It builds a Ray cluster on this machine (``ray.cluster_utils.Cluster``): a head node with
 no cache worker (the driver), plus N raylets that declare one GPU each (the cache nodes).
-A ``safetensors`` checkpoint of ``--mb`` MB sits in a local S3 server (moto) behind the
+A ``safetensors`` checkpoint of ``--mb`` MB sits in a local S3 server (``--server``: moto,
+the suite's, which copies the whole object for every ranged GET; or s3rver, which serves
+ranges as real stores do) behind the
 counting proxy, whose link is capped at ``--link-mb-s`` MB/s for all clients together
 (the gateway every rollout has to pass). For each N, all N nodes load it at once (one Ray
 task pinned to each node: read the whole file, build torch tensors with
@@ -211,6 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--link-mb-s", type=float, default=40.0, help="the gateway's cap")
     ap.add_argument("--concurrent", type=int, default=32)
     ap.add_argument("--concurrent-mb", type=int, default=128)
+    ap.add_argument("--server", choices=("moto", "s3rver"), default="moto",
+                    help="the local S3 server (s3rver serves large objects' ranges as real stores do)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = ap.parse_args(argv)
     counts = sorted({int(x) for x in args.nodes.split(",")})
@@ -226,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tmp = tempfile.mkdtemp(prefix="ray_cache_models_")
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        store = open_store(stack, BUCKET, rate_mb_s=args.link_mb_s)
+        store = open_store(stack, BUCKET, rate_mb_s=args.link_mb_s, server=args.server)
         options = store.server.storage_options(store.proxy.url)
         log(f"writing a {args.mb} MB checkpoint and a {args.concurrent_mb} MB one …")
         blob = checkpoint_bytes(args.mb)
@@ -302,9 +306,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "mb": args.mb, "link_mb_s": args.link_mb_s, "cores": os.cpu_count(),
             "platform": f"{platform.system()} {platform.machine()}", "ray": ray.__version__}
     print(markdown(rows, conc, info))
-    one = next(r for r in rows if r["way"] == "s3fs direct" and r["nodes"] == counts[0])
-    print(f"\n{counts[0]} node(s) reading directly used "
-          f"{counts[0] * size / one['wall_s'] / 1e6 / args.link_mb_s:.0%} of the link")
+    for way, how in (("s3fs direct", "reading directly"), ("ray_cache cold", "through ray_cache, cold")):
+        one = next(r for r in rows if r["way"] == way and r["nodes"] == counts[0])
+        print(f"\n{counts[0]} node(s) {how} used "
+              f"{counts[0] * size / one['wall_s'] / 1e6 / args.link_mb_s:.0%} of the link")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows, "concurrent": conc}, f, indent=2)
