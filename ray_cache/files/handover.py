@@ -65,7 +65,8 @@ INLINE_CHUNK = 96 * 1024
 def hand_over_bytes(obj: StoreObject, data: bytes, page_size: int, workers: Sequence[WorkerRef]) -> Dict[str, int]:
     """Give a small file's one page (``data``: the whole file) to its owner inside the call
     (chunks of :data:`INLINE_CHUNK`, each sent with the task, none put in the object store);
-    returns ``{"pages": 1, "units": 0}`` once it is claimed (none for an empty file)."""
+    returns how many ``pages`` were claimed (0 for an empty file, or one the owner already
+    holds) once the owner has answered, as :func:`hand_over` does."""
     if not data:
         return {"pages": 0, "units": 0}
     if len(data) > page_size:
