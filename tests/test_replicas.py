@@ -36,6 +36,16 @@ def _read_on(node, fs, path):
     return read.remote(fs)
 
 
+def _owned_by_both(fs, stem, blob, names):
+    """Write ``blob`` at ``stem-<n>.bin`` for the first ``n`` whose pages both workers own."""
+    for n in range(50):
+        path = f"{stem}-{n}.bin"
+        fs.pipe_file(path, blob)
+        if len({hashing.owner(d, names) for d in _page_digests(fs, path)}) == 2:
+            return path
+    raise AssertionError(f"no name under {stem} spread its pages over both workers in 50 tries")
+
+
 @pytest.mark.slow
 def test_replicas_on_every_node_are_mapped_there_and_the_store_is_read_once(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
@@ -46,16 +56,8 @@ def test_replicas_on_every_node_are_mapped_there_and_the_store_is_read_once(
     assert len(workers) == 2
     # The model and the control need pages owned by each worker (5 pages all on one owner: 1
     # in 16), or a node would have no replica to map, or nothing to ask of another's worker.
-    for n in range(50):
-        path = f"{prefix}/model-{n}.bin"
-        s3fs_direct.pipe_file(path, blob)
-        if len({hashing.owner(d, names) for d in _page_digests(s3fs_direct, path)}) == 2:
-            break
-    for n in range(50):
-        control = f"{prefix}/other-{n}.bin"
-        s3fs_direct.pipe_file(control, blob[::-1])
-        if len({hashing.owner(d, names) for d in _page_digests(s3fs_direct, control)}) == 2:
-            break
+    path = _owned_by_both(s3fs_direct, f"{prefix}/model", blob, names)
+    control = _owned_by_both(s3fs_direct, f"{prefix}/other", blob[::-1], names)
     proxy.reset()
     report = ray_cache.load(f"s3://{path}", filesystem=s3fs_proxied, replicas="all")
     assert report.failures == [] and report.fetched == PAGES

@@ -25,7 +25,7 @@ from ray_cache.cluster import membership
 from ray_cache.files import pages
 from ray_cache.files.fs import CacheFileSystem
 from ray_cache.files.pagebuf import PAGE_SIZE
-from ray_cache.files.write import INLINE_BYTES
+from ray_cache.files.spool import INLINE_BYTES
 
 MiB = 1 << 20
 

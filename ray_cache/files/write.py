@@ -8,10 +8,11 @@ process's object store as it fills (:class:`PageSpool`). When the target's ``clo
 returns (the store has accepted the object) and the store's version is proven to be these
 bytes (:mod:`ray_cache.store.written`: one HEAD), each page goes to its owning worker
 (``adopt_pages``: the worker takes it from this node's object store), so the first read
-anywhere sends no data request. A small file (at most :data:`INLINE_BYTES`, one page: part
-files, images, configs) is kept in this process instead and goes to its owner inside the
-call itself (:func:`ray_cache.files.handover.hand_over_bytes`): no object to put, none for
-the owner to resolve. ``close`` waits until every owner has the bytes on its
+anywhere sends no data request. A small file (at most
+:data:`~ray_cache.files.spool.INLINE_BYTES`, one page: part files, images, configs) is kept
+in this process instead and goes to its owner inside the call itself
+(:func:`ray_cache.files.handover.hand_over_bytes`): no object to put, none for the owner to
+resolve. ``close`` waits until every owner has the bytes on its
 node and has claimed its pages (bounded by ``WORKER_TIMEOUT_S``): from then on a reader
 anywhere waits for the owner's copy rather than fetching, and this process may exit.
 
@@ -46,7 +47,7 @@ import ray
 from ray_cache.cluster import forks
 from ray_cache.cluster.routing import WORKER_GONE
 from ray_cache.files import handover
-from ray_cache.files.spool import PageSpool
+from ray_cache.files.spool import INLINE_BYTES, PageSpool
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.node.uploads import start_time
@@ -58,8 +59,6 @@ log = logging.getLogger("ray_cache.files.write")
 
 #: Bytes per chunk when ``put_file`` copies a local file.
 COPY_CHUNK = 8 * 1024**2
-#: A file of at most this many bytes (and one page) is handed over by value, not spooled.
-INLINE_BYTES = 1024**2
 
 
 class WritingFile(io.IOBase):
@@ -74,10 +73,8 @@ class WritingFile(io.IOBase):
         self._protocol = protocol_of(target)
         self._proof = WriteProof(self._protocol)
         self._workers = list(workers or [])
-        self._spool: Optional[PageSpool] = PageSpool(fs.page_size) if self._workers else None
-        # A file's bytes while it is small (None once it is not): see INLINE_BYTES.
-        self._small: Optional[bytearray] = bytearray() if self._spool is not None else None
-        self._small_max = min(INLINE_BYTES, fs.page_size)
+        self._spool: Optional[PageSpool] = (PageSpool(fs.page_size, inline=INLINE_BYTES)
+                                            if self._workers else None)
         self._upload: Optional[Any] = None  # (worker handle, upload id) while S3 has it open
         self._done = False
         self._head = self._tail = b""  # a file's first and last 4 bytes: is it Parquet?
@@ -137,16 +134,13 @@ class WritingFile(io.IOBase):
             self._head += bytes(view[:4 - len(self._head)])
         self._tail = (self._tail + bytes(view[-4:]))[-4:]
         if self._spool is not None:
-            small = self._small
-            if small is not None and len(small) + view.nbytes <= self._small_max:
-                small += view
-            else:
-                if small is not None:  # no longer small: spool what was kept, then the rest
-                    self._small = None
-                    if small:
-                        self._spool.add(bytes(small))
-                self._spool.add(data)
+            self._spool.add(data)
         return n
+
+    @property
+    def _parquet_like(self) -> bool:
+        """Whether the file begins and ends with Parquet's magic (see :mod:`handover`)."""
+        return self._head == self._tail == handover.MAGIC
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is None:
@@ -163,11 +157,9 @@ class WritingFile(io.IOBase):
             return
         self._done = True
         spool, self._spool = self._spool, None
-        small, self._small = self._small, None
-        if small and self._head == self._tail == handover.MAGIC:
-            spool.add(bytes(small))  # Parquet: its units are handed over from spooled pages
-            small = None
         if spool is not None:
+            if self._parquet_like:
+                spool.spill()  # its units are handed over from the spooled pages
             spool.end()  # its last page goes into the object store while the store commits
         try:
             self._f.close()
@@ -186,9 +178,9 @@ class WritingFile(io.IOBase):
         self._forget_upload()
         if spool is not None:
             try:
+                small = spool.small()
                 if small is not None:
-                    spool.drop()  # it was given nothing
-                    self._hand_over(bytes(small))
+                    self._hand_over(small)
                     return
                 refs = spool.finish()
                 if refs is None:
@@ -203,7 +195,7 @@ class WritingFile(io.IOBase):
             return
         if self._spool is not None:
             self._spool.drop()
-        self._done, self._spool, self._small = True, None, None
+        self._done, self._spool = True, None
         f = self._f
         try:
             if self._protocol == "file":
@@ -231,12 +223,11 @@ class WritingFile(io.IOBase):
             self._fs._remember_infos([info])
             access.RIGHTS.note_head(target, [self.path])  # that HEAD proved this process may read it
         obj = object_of(target, info, self._protocol)
-        parquet_like = self._head == self._tail == handover.MAGIC
 
         def give() -> Dict[str, int]:
             if isinstance(pages, bytes):
                 return handover.hand_over_bytes(obj, pages, self._fs.page_size, self._workers)
-            return handover.hand_over(obj, pages, self._fs.page_size, self._workers, parquet_like)
+            return handover.hand_over(obj, pages, self._fs.page_size, self._workers, self._parquet_like)
 
         try:
             counts = give()
