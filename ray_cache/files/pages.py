@@ -341,7 +341,12 @@ class PageReader:
         gone = [r for r in reqs if got[r.key.digest] is _GONE]
         if gone:  # a worker died or was replaced (same name, new actor): ask Ray again
             workers = self.workers(refresh=True) or []
-            if workers:
+            for r in gone:  # the new layout's disk slots on this node first, as any read tries
+                buf = self._map(r)
+                if buf is not None:
+                    got[r.key.digest] = buf
+            gone = [r for r in gone if got[r.key.digest] is _GONE]
+            if workers and gone:
                 again, dead = self._from_workers(fs, gone, workers)
                 got.update(again)
             for name, exc in dead.items():
