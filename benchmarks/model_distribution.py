@@ -98,7 +98,10 @@ def all_at_once(nodes: Sequence[str], read: Callable[..., Any], *args: Any,
         def release(self) -> None:
             self.open.set()
 
-    @ray.remote(num_cpus=0, max_retries=0)
+    # max_calls=1: every load runs in a new worker process, as a node starting to serve a
+    # model does. A reused process would still hold the pages an earlier way mapped (a
+    # process keeps what it read mapped, by version), and its "cold" load would not be.
+    @ray.remote(num_cpus=0, max_retries=0, max_calls=1)
     def task(gate: Any, fn: Callable[..., Any], *a: Any) -> Dict[str, Any]:
         import fsspec  # noqa: F401 - imported before the clock starts: a node loads
         import s3fs  # noqa: F401    a model with its libraries already imported
@@ -120,7 +123,8 @@ def all_at_once(nodes: Sequence[str], read: Callable[..., Any], *args: Any,
     while ray.get(gate.count.remote()) < len(refs):
         if time.monotonic() > deadline:
             raise RuntimeError("tasks did not reach the gate in 120 s")
-        ray.wait(refs, timeout=0.1)
+        done, _ = ray.wait(refs, timeout=0.1)
+        ray.get(done)  # a task that failed before the gate raises here, not after 120 s
     t0 = time.perf_counter()
     ray.get(gate.release.remote())
     records = ray.get(refs)
