@@ -69,7 +69,8 @@ def read_parquet(
         the driver anyway); otherwise over copies made on each worker's node, owned by
         this driver, which survive a worker's death and are re-made if a node is lost,
         taken only when they fit in the object stores
-        (:mod:`ray_cache.readers.nodecopies`). ``False`` always plans read tasks. Read
+        (:mod:`ray_cache.readers.nodecopies`); a new read of the same units while a
+        dataset made by an earlier one lives shares that dataset's copies. ``False`` always plans read tasks. Read
         tasks on a cluster run on their units' owners' nodes (evened out by rows), every
         execution (:mod:`ray_cache.readers.nodereads`), unless Ray's remote arguments are given.
     partitioning : ``ray.data.datasource.Partitioning``, ``"hive"`` or None

@@ -16,7 +16,7 @@ from ray_cache.cluster import hashing, routing, membership
 from ray_cache.readers.datasource import CachedParquetDatasource
 from ray_cache.testing import CountingProxy
 from conftest import (BUCKET, data_gets, expected_rows, fresh_cache, gpu_node_ids, home_nodes, owner_nodes,
-                      read_all, write_dataset, write_spread_dataset)
+                      make_table, read_all, write_dataset, write_spread_dataset)
 from ray_cache.testing import s3_data_gets
 
 pytestmark = pytest.mark.slow
@@ -418,11 +418,48 @@ def test_copies_that_would_not_fit_leave_the_read_to_read_tasks(
     assert data_gets(proxy) == []
 
 
-def test_copies_of_a_dataset_still_alive_count_against_the_room(
+def test_a_read_while_the_last_dataset_lives_shares_its_copies(
+        gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
+    """A loop's ``ds = read_parquet(...)`` (or a notebook cell run again) while the last
+    dataset over the same units lives: the new dataset is over the very same blocks (no copy
+    made, one set held); an object changed since is read anew (never the old rows); once every
+    dataset over the copies is dropped, a read copies anew."""
+    import gc
+
+    from ray_cache.readers import nodecopies
+
+    fresh_cache(tmp_path)
+    paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix)
+    url = f"s3://{paths[0].rsplit('/', 1)[0]}/"
+    again = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
+    assert [r for b in again.iter_internal_ref_bundles() for r in b.block_refs] == refs, "the same blocks"
+    assert read_all(again).equals(expected_rows(s3fs_direct, paths))
+    assert data_gets(proxy) == []
+
+    first = {r.hex() for r in refs}
+    del again, ds, refs
+    gc.collect()
+    assert not nodecopies._LIVE, "the record goes with the last dataset over the copies"
+    third = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
+    made = {r.hex() for b in third.iter_internal_ref_bundles() for r in b.block_refs}
+    assert made and not made & first, "copies made anew"
+    assert read_all(third).equals(expected_rows(s3fs_direct, paths))
+
+    before = expected_rows(s3fs_direct, paths)
+    with s3fs_direct.open(paths[0], "wb") as f:  # a new version while ``third`` lives
+        pq.write_table(make_table(5, 99, offset=10**6), f)
+    fourth = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
+    assert read_all(fourth).equals(expected_rows(s3fs_direct, paths)), "the new version's rows"
+    assert not read_all(fourth).equals(before)
+    assert read_all(third).equals(before), "the dataset made before is a snapshot of the old versions"
+
+
+def test_copies_still_held_count_against_the_room(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, monkeypatch):
     """Room for copies is what each node's object store really holds (its raylet's count):
-    with the last dataset's copies still alive, a second set that would not fit beside them
-    is not made (read tasks instead: no spilling); once the first is dropped, it is."""
+    with the last copies still held (here by their refs, the dataset and its record gone), a
+    second set that would not fit beside them is not made (read tasks instead: no spilling);
+    once they are dropped, it is."""
     import gc
     import time
 
@@ -442,9 +479,12 @@ def test_copies_of_a_dataset_still_alive_count_against_the_room(
     held = in_use()
     capacity = 256 << 20  # conftest.NODE's object store
     monkeypatch.setattr(nodecopies, "COPY_FRACTION", (held + copies // 2) / capacity)
+    del ds
+    gc.collect()
+    assert not nodecopies._LIVE, "nothing to share: the dataset is gone, its blocks are not"
     assert not isinstance(ray_cache.read_parquet(url, filesystem=s3fs_proxied), MaterializedDataset), (
         "no second copies beside the first: read tasks")
-    del ds, refs
+    del refs
     gc.collect()
     deadline = time.monotonic() + 60
     while in_use() > held - copies // 2 and time.monotonic() < deadline:

@@ -25,6 +25,15 @@ of it, so the copies never make Ray spill; otherwise :func:`plan` returns None a
 uses read tasks, whose memory Ray Data's backpressure bounds. The copies are released when
 the dataset (and every dataset derived from it) is dropped.
 
+A new read of the same units (the same objects at the same versions, the same columns, the
+same workers, the same order) while a dataset made by an earlier read still lives takes that
+dataset's blocks instead of copying again (``_LIVE``): a loop or a notebook cell that calls
+``read_parquet`` again holds one set of copies, not two, and iterating the new dataset on a
+node that already pulled those blocks reads them there. The blocks are the same immutable
+objects, so both datasets read the same rows; they are released when the last dataset that
+holds them is dropped (the registry holds them weakly). A dataset derived from the first
+(``ds.map(...)``) holds its blocks but not the registry's record: a new read then copies anew.
+
 Blocks: each copy task returns its units as one block (up to ``TASK_BYTES``), since Ray
 Data's cost of iterating is per block as much as per byte. Blocks are dealt round-robin
 over the nodes that hold them (file order within a node), so a split's consumers find
@@ -37,6 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ray
@@ -60,6 +71,30 @@ TASK_BYTES = 64 << 20
 #: per node made a warm read of 24 units 3-10x slower here), so a node's tasks form this
 #: many chains (fewer where the node has fewer CPUs), each task waiting for the one before.
 CHAINS = 4
+
+
+class _Copies:
+    """The blocks one :func:`plan` made (refs and metadata, in dataset order); the datasets
+    made over them hold it, :data:`_LIVE` only weakly."""
+
+    __slots__ = ("refs", "metas", "__weakref__")
+
+    def __init__(self, refs: Sequence[Any], metas: Sequence[Any]) -> None:
+        self.refs, self.metas = list(refs), list(metas)
+
+
+#: The copies of datasets still alive in this process, by what they hold (see the module
+#: docstring): ``(unit digests, worker names and nodes, preserve_order)``.
+_LIVE: "weakref.WeakValueDictionary[Tuple[Any, ...], _Copies]" = weakref.WeakValueDictionary()
+_LIVE_LOCK = threading.Lock()
+
+
+def _dataset(copies: _Copies) -> "ray.data.Dataset":
+    from ray_cache.readers.fastpath import dataset_from_refs
+
+    ds = dataset_from_refs(copies.refs, copies.metas)
+    ds._ray_cache_copies = copies  # keeps the record alive exactly as long as this dataset
+    return ds
 
 
 def _copy_here(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef], after: Any = None,
@@ -112,11 +147,15 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
     module docstring); any doubt (a worker not answering, a unit evicted) returns None and
     the caller plans read tasks, which fall back to the store by themselves.
     """
-    from ray_cache.readers.fastpath import dataset_from_refs
-
     names = [w.name for w in workers]
     if not names or not requests:
         return None
+    ordered = ray.data.DataContext.get_current().execution_options.preserve_order
+    key = (tuple(r.key.digest for r in requests), tuple((w.name, w.node_id) for w in workers), ordered)
+    with _LIVE_LOCK:
+        alive = _LIVE.get(key)
+    if alive is not None:  # a dataset over these very units still lives: share its blocks
+        return _dataset(alive)
     by_owner = hashing.group([r.key.digest for r in requests], names)
     calls = {o: workers[o].handle.warm_metas.remote([requests[i].key.digest for i in idx])
              for o, idx in by_owner.items()}
@@ -145,7 +184,6 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
     # block per copy task: Ray Data pays per block it iterates (24 blocks of 2.8 MB took
     # 0.06 s where one of the same rows took 0.025 s), and a block is never split across
     # nodes. A node's rows are cut into at least one chunk per chain.
-    ordered = ray.data.DataContext.get_current().execution_options.preserve_order
     blocks: Dict[str, List[Tuple[int, Any, Any]]] = {}  # by node: (first unit, ref, meta)
     for node, idx in home.items():
         where = NodeAffinitySchedulingStrategy(node, soft=True)
@@ -163,7 +201,10 @@ def plan(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef]) -> Opti
         order = sorted(b for node in blocks for b in blocks[node])
     else:
         order = _round_robin([blocks[node] for node in sorted(blocks)])
-    return dataset_from_refs([ref for _, ref, _ in order], [meta for _, _, meta in order])
+    copies = _Copies([ref for _, ref, _ in order], [meta for _, _, meta in order])
+    with _LIVE_LOCK:
+        _LIVE[key] = copies
+    return _dataset(copies)
 
 
 def _round_robin(groups: Sequence[Sequence[Any]]) -> List[Any]:
