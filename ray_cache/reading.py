@@ -166,7 +166,8 @@ def read_parquet(
         return [o for o in objects if o.path in keep]
 
     # rights proven for those kept
-    objects = access.list_readable(fs, stripped, keep=chosen, missing_ok=ignore_missing_paths, skip=skip)
+    objects = access.list_readable(fs, stripped, keep=chosen, missing_ok=ignore_missing_paths, skip=skip,
+                                   folders=underfs.named_folders(paths, fs))
     workers = _workers()
     from ray_cache.readers import fastpath, nodecopies, nodereads
     from ray_cache.readers.datasource import CachedParquetDatasource, ReadOptions  # imports Ray Data

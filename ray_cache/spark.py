@@ -118,7 +118,8 @@ def _plan(options: Dict[str, str], address: Optional[str]) -> _Plan:
     fs, stripped = underfs.resolve_filesystem(paths, None, storage or None)
     extensions = check_extensions(None)
     objects = access.list_readable(fs, stripped, keep=lambda objs: [
-        o for o in objs if o.path in set(select_files([x.path for x in objs], None, extensions, stripped))])
+        o for o in objs if o.path in set(select_files([x.path for x in objs], None, extensions, stripped))],
+        folders=underfs.named_folders(paths, fs))
     workers = membership.workers()
     source = CachedParquetDatasource(fs, objects, workers, columns=columns)
     arrow = source.schema

@@ -56,6 +56,26 @@ def test_path_forms(cache, s3fs_direct, s3fs_proxied, prefix, form):
     assert got.equals(expected(s3fs_direct, chosen))
 
 
+def test_a_folder_written_with_a_slash_is_listed_in_one_request(cache, s3fs_direct, s3fs_proxied, proxy, prefix):
+    """``s3://bucket/prefix/`` says what it is: one LIST (no HEAD of the prefix, no LIST to
+    learn that it is a folder), counted at the server; without the slash it is asked first.
+    A folder that holds nothing is still ``FileNotFoundError`` naming it."""
+    paths = write_dataset(s3fs_direct, prefix, files=2, rows=2_000, rg_rows=1_000)
+    read_all(ray_cache.read_parquet(f"s3://{prefix}/", filesystem=s3fs_proxied))  # warm: no footer GETs
+
+    def planning(arg):
+        proxy.reset()
+        ds = ray_cache.read_parquet(arg, filesystem=s3fs_proxied)
+        reqs = [r for r in proxy.requests() if r["method"] == "HEAD" or "list-type" in r["path"]]
+        assert read_all(ds).equals(expected(s3fs_direct, paths))
+        return [r["method"] for r in reqs]
+
+    assert planning(f"s3://{prefix}/") == ["GET"], "one LIST"
+    assert len(planning(f"s3://{prefix}")) > 1, "without the slash the store is asked what it is"
+    with pytest.raises(FileNotFoundError, match=f"{prefix}/nothing"):
+        ray_cache.read_parquet(f"s3://{prefix}/nothing/", filesystem=s3fs_proxied)
+
+
 def test_storage_options_instead_of_filesystem(cache, s3_server, s3fs_direct, proxy, prefix):
     paths = write_dataset(s3fs_direct, prefix, files=1)
     ds = ray_cache.read_parquet(

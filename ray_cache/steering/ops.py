@@ -84,7 +84,7 @@ def plan(
 ) -> Plan:
     """Resolve ``paths`` into the cache requests a load (or pin) consists of."""
     fs, stripped = underfs.resolve_filesystem(paths, filesystem, storage_options)
-    objects = access.list_readable(fs, stripped)
+    objects = access.list_readable(fs, stripped, folders=underfs.named_folders(paths, fs))
     workers = membership.workers()
     names = [w.name for w in workers]
     parquet_objs = [o for o in objects if o.path.endswith(PARQUET_SUFFIXES)]

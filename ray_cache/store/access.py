@@ -167,11 +167,13 @@ def _check(fs: Any, paths: Sequence[str]) -> Dict[str, BaseException]:
 
 def list_readable(fs: Any, paths: Iterable[str], suffixes: Tuple[str, ...] = (),
                   keep: Optional[Callable[[List[StoreObject]], List[StoreObject]]] = None,
-                  missing_ok: bool = False, skip: FrozenSet[str] = frozenset()) -> List[StoreObject]:
+                  missing_ok: bool = False, skip: FrozenSet[str] = frozenset(),
+                  folders: FrozenSet[str] = frozenset()) -> List[StoreObject]:
     """:func:`ray_cache.store.underfs.list_objects`, narrowed by ``keep``, each object then
     proven readable with ``fs`` (:data:`RIGHTS`): what every reader plans from."""
     headed: List[str] = []
-    objects = underfs.list_objects(fs, paths, suffixes, headed=headed, missing_ok=missing_ok, skip=skip)
+    objects = underfs.list_objects(fs, paths, suffixes, headed=headed, missing_ok=missing_ok, skip=skip,
+                                   folders=folders)
     RIGHTS.note_head(fs, headed)
     if keep is not None:
         objects = keep(objects)
