@@ -100,6 +100,10 @@ class LocalCache:
             return None
         return self.memory.lookup(digest)
 
+    def holds_or_fills(self, digest: str) -> bool:
+        """Whether a tier holds ``digest`` or a fill of it is under way (no side effect)."""
+        return digest in self.memory.sizes or digest in self.disk.sizes or digest in self._inflight
+
     def touch(self, digests: Sequence[str]) -> int:
         """Record reads of disk-tier entries made without asking (mapped by a reader on
         this node): their recency and hit counters. Returns how many were present."""

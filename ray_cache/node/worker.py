@@ -40,6 +40,8 @@ log = logging.getLogger("ray_cache.node.worker")
 
 #: Parsed footers kept per worker process (their bytes are cache entries too).
 _META_CACHE_ITEMS = 4096
+#: Cold page parts (``fetch.PART_BYTES`` each) one worker reads ahead of their pages at once.
+AHEAD_PARTS = 8
 
 Request = Union[UnitRequest, PageRequest]
 
@@ -61,6 +63,7 @@ class CacheWorker:
         self.cache = LocalCache(self.config)
         self.metrics = WorkerMetrics(node_id)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ray-cache-fetch")
+        self._ahead = ThreadPoolExecutor(max_workers=AHEAD_PARTS, thread_name_prefix="ray-cache-part")
         self._meta: "OrderedDict[Tuple[str, str], pq.FileMetaData]" = OrderedDict()
         self._lock = threading.Lock()
         self.started_at = time.time()
@@ -214,6 +217,12 @@ class CacheWorker:
                 shared = self._parts.setdefault(span, part)
             if shared is part:
                 mine.append(span)
+                # Cold parts are read ahead of their pages, AHEAD_PARTS at once: the page
+                # threads hold a part's pages while it is read, so on their own they kept
+                # only 2 parts in flight and left the link idle between waves. A part any
+                # of whose pages is held, or being filled, is left to its pages as before.
+                if not any(self.cache.holds_or_fills(r.key.digest) for r in part.reqs):
+                    self._ahead.submit(part.fetch)
             for r in part.reqs:
                 parts[r.key.digest] = shared
         try:

@@ -215,18 +215,32 @@ class PagePart:
     def page(self, req: PageRequest) -> memoryview:
         """The bytes of ``req`` (one of this part's pages), fetching the part if needed."""
         with self._lock:
-            if self._error is not None:
-                raise self._error  # the part's one read failed: every page of it fails alike
-            if self._data is None:
-                first = self.reqs[0]
-                whole = PageRequest(first.key, first.obj, first.start, self.reqs[-1].end)
-                try:
-                    self._data = memoryview(read_page(self.fs, whole, self.count))
-                except Exception as exc:
-                    self._error = exc
-                    raise
+            data = self._read()
             base = self.reqs[0].start
-            return self._data[req.start - base:req.end - base]
+            return data[req.start - base:req.end - base]
+
+    def fetch(self) -> None:
+        """Read the part now, ahead of its pages (nothing if read already; a failure is kept
+        for its pages to raise), so the link stays busy while earlier parts are served."""
+        with self._lock:
+            try:
+                self._read()
+            except Exception:  # noqa: BLE001 - kept in self._error, raised by page()
+                pass
+
+    def _read(self) -> memoryview:
+        # Under self._lock: the part's one read.
+        if self._error is not None:
+            raise self._error  # the part's one read failed: every page of it fails alike
+        if self._data is None:
+            first = self.reqs[0]
+            whole = PageRequest(first.key, first.obj, first.start, self.reqs[-1].end)
+            try:
+                self._data = memoryview(read_page(self.fs, whole, self.count))
+            except Exception as exc:
+                self._error = exc
+                raise
+        return self._data
 
 
 def read_page(fs: Any, req: PageRequest, count: Optional[Counter] = None) -> bytes:
