@@ -80,12 +80,29 @@ def row_hashes(path: str, start_row: int, num_rows: int) -> Any:
     return keys
 
 
+#: Blocks up to this size are made contiguous (see :func:`one_block`).
+CONTIGUOUS_BYTES = 256 << 20
+
+
 def one_block(tables: Sequence[pa.Table]) -> pa.Table:
-    """``tables`` (at least one, same schema) as one block, side by side: no copy.
+    """``tables`` (at least one, same schema) as one block, each column contiguous.
+
+    One copy here, where the block is made, instead of one in every batch: Ray Data
+    concatenates the chunks a batch spans each time the block is iterated (two blocks of 12
+    chunks, 1.2M rows each, iterated in batches of 65,536: 0.038-0.040 s; the same blocks
+    contiguous: 0.029-0.034 s). Left chunked above ``CONTIGUOUS_BYTES``, or where Arrow cannot
+    join a column into one chunk.
 
     Examples
     --------
-    >>> one_block([pa.table({"x": [1]}), pa.table({"x": [2, 3]})]).num_rows
-    3
+    >>> block = one_block([pa.table({"x": [1]}), pa.table({"x": [2, 3]})])
+    >>> block.num_rows, block.column("x").num_chunks
+    (3, 1)
     """
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    block = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if block.nbytes > CONTIGUOUS_BYTES or all(c.num_chunks <= 1 for c in block.columns):
+        return block
+    try:
+        return block.combine_chunks()
+    except pa.lib.ArrowException:  # e.g. string offsets past 2 GiB: chunked, as it was
+        return block
