@@ -454,12 +454,12 @@ def test_a_read_while_the_last_dataset_lives_shares_its_copies(
     assert read_all(third).equals(before), "the dataset made before is a snapshot of the old versions"
 
 
-def test_copies_still_held_count_against_the_room(
+def test_copies_of_a_dataset_still_alive_count_against_the_room(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix, monkeypatch):
     """Room for copies is what each node's object store really holds (its raylet's count):
-    with the last copies still held (here by their refs, the dataset and its record gone), a
-    second set that would not fit beside them is not made (read tasks instead: no spilling);
-    once they are dropped, it is."""
+    with the last dataset's copies still alive, a read of other units (here all files but
+    one: nothing to share) whose copies would not fit beside them makes none (read tasks
+    instead: no spilling); once the first dataset is dropped, it does."""
     import gc
     import time
 
@@ -467,9 +467,10 @@ def test_copies_still_held_count_against_the_room(
 
     from ray_cache.readers import nodecopies
 
+    gc.collect()  # earlier tests' datasets go now, not while this one measures the room
     fresh_cache(tmp_path)
     paths, ds, refs = _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6)
-    url = f"s3://{paths[0].rsplit('/', 1)[0]}/"
+    subset = [f"s3://{p}" for p in paths[:-1]]
     from ray_cache.node.tiers.memory import node_store_used
 
     def in_use():  # the most any GPU node's object store holds, as its raylet counts it
@@ -479,19 +480,16 @@ def test_copies_still_held_count_against_the_room(
     held = in_use()
     capacity = 256 << 20  # conftest.NODE's object store
     monkeypatch.setattr(nodecopies, "COPY_FRACTION", (held + copies // 2) / capacity)
-    del ds
-    gc.collect()
-    assert not nodecopies._LIVE, "nothing to share: the dataset is gone, its blocks are not"
-    assert not isinstance(ray_cache.read_parquet(url, filesystem=s3fs_proxied), MaterializedDataset), (
+    assert not isinstance(ray_cache.read_parquet(subset, filesystem=s3fs_proxied), MaterializedDataset), (
         "no second copies beside the first: read tasks")
-    del refs
+    del ds, refs
     gc.collect()
     deadline = time.monotonic() + 60
     while in_use() > held - copies // 2 and time.monotonic() < deadline:
         time.sleep(0.2)  # Ray frees objects asynchronously once their last reference is gone
-    ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
+    ds = ray_cache.read_parquet(subset, filesystem=s3fs_proxied)
     assert isinstance(ds, MaterializedDataset), "the first dropped: copies again"
-    assert read_all(ds).equals(expected_rows(s3fs_direct, paths))
+    assert read_all(ds).equals(expected_rows(s3fs_direct, paths[:-1]))
     assert data_gets(proxy) == []
 
 
