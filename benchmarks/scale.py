@@ -101,10 +101,13 @@ class Reader:
 
     def counted(self, passes: int, again: bool = False, keep_last: bool = False) -> tuple[List[float], int]:
         """Times of ``passes`` passes and the store bytes they fetched together; with
-        ``again``, each pass's dataset is iterated once more (its next epoch: ``self.again``);
+        ``again``, each pass's dataset is iterated once more (its next epoch: ``self.again``, left
+        as it was otherwise);
         ``keep_last``: see :meth:`one_pass`."""
         self.proxy.reset()
-        times, self.again = [], []
+        times: List[float] = []
+        if again:
+            self.again = []
         for _ in range(passes):
             times.append(self.one_pass(keep_last))
             if again:
@@ -264,11 +267,9 @@ def measure(reader: Reader, n: int, repeats: int) -> Dict[str, Any]:
     log(f"N={n}: {repeats} warm reads …")
     with StorePeak() as peak:
         times, warm_bytes = reader.counted(repeats, again=True)
-        again = reader.again
         log(f"N={n}: {repeats} warm reads, each while the one before lives …")
         live_times, live_bytes = reader.counted(repeats + 1, keep_last=True)
         live_times = live_times[1:]  # the first has no dataset before it
-        reader.again = again
     warm_bytes += live_bytes
     after = settled_stats()
     log(f"N={n}: split consumers, and the in-memory limit …")

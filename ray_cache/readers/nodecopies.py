@@ -103,7 +103,7 @@ def _copy_here(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef], a
     (``whole``) or one per request; and a last, empty return that the next copy task of the
     same chain waits for (``after``: that of the task before it, resolved by Ray first)."""
     tables = list(routing.read_units(fs, requests, workers))
-    if whole:  # one block: no copy here (chunks side by side), one object to store and move
+    if whole:  # one contiguous block (shaping.one_block): one object to store and move
         return shaping.one_block(tables), None
     return (*tables, None)
 

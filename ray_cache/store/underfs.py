@@ -43,9 +43,7 @@ def resolve_filesystem(
     >>> protocol_of(fs), ps
     ('file', ['/tmp/a.parquet'])
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [os.fspath(p) for p in paths]
+    paths = _path_list(paths)
     if not paths:
         raise ValueError("paths must name at least one file, directory or glob")
     if filesystem is not None and storage_options:
@@ -85,9 +83,14 @@ def named_folders(paths: Union[PathLike, Sequence[PathLike]], fs: fsspec.Abstrac
     >>> sorted(named_folders(["/data/train/", "/data/x.parquet"], fsspec.filesystem("file")))
     ['/data/train']
     """
+    return frozenset(fs._strip_protocol(p) for p in _path_list(paths) if p.endswith("/"))
+
+
+def _path_list(paths: Union[PathLike, Sequence[PathLike]]) -> List[str]:
+    """One path or many, as a list of strings."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    return frozenset(fs._strip_protocol(os.fspath(p)) for p in paths if os.fspath(p).endswith("/"))
+    return [os.fspath(p) for p in paths]
 
 
 def s3_options_from_environment(env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
