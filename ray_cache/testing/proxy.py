@@ -129,7 +129,8 @@ class _Proxy:
                                "request_bytes": len(head), "response_bytes": 0,
                                "request_body_bytes": 0, "response_body_bytes": 0,
                                "if_match": next((v for n, v in headers if n == "if-match"), None),
-                               "range": next((v for n, v in headers if n == "range"), None)}
+                               "range": next((v for n, v in headers if n == "range"), None),
+                               "started": time.time(), "ended": None}
         mode, length = _body_mode(headers)
         mode = "none" if mode == "close" else mode  # a request body never runs to EOF
         expect = mode != "none" and "100-continue" in _tokens(headers, "expect")
@@ -205,6 +206,7 @@ class _Proxy:
                 rec["status"] = 502
             return False
         finally:
+            rec["ended"] = time.time()
             self.records.append(rec)
             if waited_for:
                 self.busy -= 1
@@ -292,9 +294,12 @@ class CountingProxy(ManagedProcess):
         -------
         list of dict
             One ``{"method", "path", "status", "request_bytes",
-            "response_bytes", "request_body_bytes", "response_body_bytes"}``
-            per request, in completion order; byte counts are on the wire
-            (heads and chunk framing included) except the ``*_body_bytes``.
+            "response_bytes", "request_body_bytes", "response_body_bytes",
+            "if_match", "range", "started", "ended"}`` per request, in completion
+            order; byte counts are on the wire (heads and chunk framing included)
+            except the ``*_body_bytes``; ``started`` and ``ended`` are wall-clock
+            seconds (``time.time()``) when the proxy got the request and when it
+            finished relaying the reply, so a benchmark can see when the link carried what.
         """
         with _OPENER.open(f"{self.url}{CONTROL}requests", timeout=30) as resp:
             return json.loads(resp.read())
