@@ -157,6 +157,74 @@ def test_single_flight_one_fetch_for_many_readers(cache, s3_server, s3fs_direct,
     assert len(gets) == 1, f"{len(gets)} fetches of one cold unit"
 
 
+def test_a_worker_asked_as_ready_answers_a_fast_page_before_a_slow_one(cache, s3_server, s3fs_direct, prefix):
+    """A whole-file reader asks for its pages as they are ready: a page whose GET is held
+    up at the store does not hold up the page after it (in order, it would)."""
+    import s3fs
+
+    from ray_cache.files.pagebuf import page_buffer, page_requests
+    from ray_cache.store.underfs import object_of
+
+    paths = {f"{prefix}/slow.bin": b"s" * 1000, f"{prefix}/fast.bin": b"f" * 1000}
+    s3fs_direct.pipe(paths)
+    (w,) = membership.live_workers()
+    with CountingProxy(s3_server.endpoint_url) as px:
+        fs = s3fs.S3FileSystem(**s3_server.storage_options(endpoint_url=px.url), skip_instance_cache=True)
+        reqs = [page_requests(object_of(fs, fs.info(p), "s3", p), 0, 1000, 1 << 20)[0] for p in paths]
+        px.inject({"kind": "stall", "method": "GET", "path_contains": "slow.bin", "times": 1, "stall_s": 3})
+        items = [ray.get(r, timeout=120) for r in
+                 w.handle.get_many.options(num_returns="streaming").remote(fs, reqs, as_ready=True)]
+        fired = px.faults_fired()
+    assert fired == 1, "the slow page's first GET was held up"
+    assert [i for i, _item in items] == [1, 0], "the fast page first, each request once"
+    assert [item[0] for _i, item in items] == ["ok", "ok"], items
+    got = {i: page_buffer(ray.get(item[1][0]).column(0)).tobytes() for i, item in items}
+    assert [got[0], got[1]] == list(paths.values())
+
+
+def test_a_whole_file_read_across_owners_survives_a_worker_killed_mid_read(
+        gpu_nodes, tmp_path, s3_server, s3fs_direct, prefix):
+    """A large file read whole from the driver (off the cache nodes): its pages come from
+    both nodes' workers, copied into the result as each arrives. One worker is killed
+    while the store is still sending: the read returns the file's bytes, from the other
+    worker or the store, and does not hang."""
+    import threading
+    import time
+
+    import s3fs
+
+    from ray_cache.files.fs import CacheFileSystem
+    from ray_cache.files.pagebuf import ASSEMBLE_AHEAD_BYTES, page_requests
+    from ray_cache.store.underfs import object_of
+
+    fresh_cache(tmp_path)
+    data = np.random.default_rng(5).integers(0, 256, 24 << 20, dtype=np.uint8).tobytes()
+    assert len(data) >= ASSEMBLE_AHEAD_BYTES, "a read assembled as its pages arrive"
+    path = f"{prefix}/model.bin"
+    s3fs_direct.pipe(path, data)
+    workers = membership.live_workers()
+    names = [w.name for w in workers]
+    obj = object_of(s3fs_direct, s3fs_direct.info(path), "s3", path)
+    owners = [hashing.owner(r.key.digest, names) for r in page_requests(obj, 0, len(data), 1 << 20)]
+    assert set(owners) == {0, 1}, "pages owned by both nodes' workers"
+    victim = workers[owners[-1]]
+    with CountingProxy(s3_server.endpoint_url, rate_bytes_per_s=6e6) as slow:  # 24 MiB: ~4 s
+        fs = s3fs.S3FileSystem(**s3_server.storage_options(endpoint_url=slow.url), skip_instance_cache=True)
+        rfs = CacheFileSystem(fs=fs, page_size=1 << 20, skip_instance_cache=True)
+        out: dict = {}
+        reader = threading.Thread(target=lambda: out.update(got=rfs.cat_file(path)), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not s3_data_gets(slow.requests(), BUCKET) and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling for the store's first data GET, then the kill
+        reading = reader.is_alive()
+        ray.kill(victim.handle, no_restart=True)
+        reader.join(timeout=240)
+    assert reading, "the worker was killed while the read was under way"
+    assert not reader.is_alive(), "the read returned"
+    assert out["got"] == data
+
+
 def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
         gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
     """A training process on a cache node (a Ray task, as a Ray Train worker is) whose

@@ -18,7 +18,9 @@ False
 from __future__ import annotations
 
 import os
-from typing import Callable, List
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional
 
 import ray
 
@@ -44,6 +46,34 @@ def check_ray_usable(what: str) -> None:
             "anything else start this process with a 'spawn' or 'forkserver' multiprocessing "
             "context (DataLoader(multiprocessing_context='spawn'))."
         )
+
+
+class ProcessThreads:
+    """A thread pool of this process, made on first use and made anew in a forked child
+    (a child's copy of the parent's pool has no threads: they do not survive fork).
+
+    Examples
+    --------
+    >>> threads = ProcessThreads(2, "ray-cache-example")
+    >>> threads.pool().submit(sum, [1, 2]).result()
+    3
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self.max_workers, self.name = max_workers, name
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def pool(self) -> ThreadPoolExecutor:
+        """This process's pool."""
+        if self._pid != os.getpid():  # a lock held at the fork stays held in the child
+            self._lock = threading.Lock()
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix=self.name)
+                self._pid = os.getpid()
+            return self._pool
 
 
 def after_fork(fn: Callable[[], None]) -> None:

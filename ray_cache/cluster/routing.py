@@ -12,7 +12,7 @@ a wrong row, never silent.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import ray
@@ -29,7 +29,7 @@ from ray.exceptions import (
 
 from ray_cache.node.calls import next_item
 from ray_cache.store import fetch
-from ray_cache.cluster import hashing
+from ray_cache.cluster import forks, hashing
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
 from ray_cache.store.errors import CacheError
@@ -153,6 +153,69 @@ def ask_owners(
             except StopIteration:
                 gone[o] = RayActorError("the worker's stream ended early")
         yield o, gone[o]
+
+
+def ask_owners_as_ready(
+    fs: Any,
+    requests: Sequence[Any],
+    workers: Sequence[WorkerRef],
+    handle: Callable[[int, int, Any], None],
+    gone: Optional[Dict[int, BaseException]] = None,
+) -> None:
+    """:func:`ask_owners` for a reader that needs every answer and no order: each owner
+    streams its answers as they are ready, and ``handle(request index, owner index,
+    answer)`` runs for each at once, one thread per owner (this one takes the first), so
+    no answer waits behind a slower one. Returns once every request has been handled.
+
+    ``handle`` may add an owner to ``gone`` (it failed to get an object that owner pointed
+    to): that owner's later requests are handled with the exception, without waiting.
+    A whole-file read of pages owned across N nodes is where order costs: answered in
+    order, a reader took its first page only once the slowest of the first parts was in,
+    and pulled the rest of the file to its node after the store had sent it all.
+    """
+    names = [w.name for w in workers]
+    batches: Dict[int, List[int]] = {}
+    for i, r in enumerate(requests):
+        batches.setdefault(hashing.owner(r.key.digest, names), []).append(i)
+    gone = {} if gone is None else gone
+    streams: Dict[int, Any] = {}
+    for o, idx in sorted(batches.items()):
+        try:
+            streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(
+                fs, [requests[i] for i in idx], as_ready=True)
+        except WORKER_GONE as exc:
+            gone[o] = exc
+
+    def drain(o: int) -> None:
+        idx, seen = batches[o], [False] * len(batches[o])
+        left = len(idx)
+        while left and o not in gone:
+            try:
+                j, answer = ray.get(next_item(streams[o]), timeout=WORKER_TIMEOUT_S)
+            except WORKER_GONE as exc:
+                gone[o] = exc
+                break
+            except StopIteration:
+                gone[o] = RayActorError("the worker's stream ended early")
+                break
+            if not seen[j]:
+                seen[j], left = True, left - 1
+                handle(idx[j], o, answer)
+        for j, was in enumerate(seen):
+            if not was:
+                handle(idx[j], o, gone[o])
+
+    owners = sorted(batches)
+    others = [_OWNER_THREADS.pool().submit(drain, o) for o in owners[1:]]
+    try:
+        drain(owners[0]) if owners else None
+    finally:
+        for fut in others:
+            fut.result()
+
+
+#: Threads that drain owners' streams for :func:`ask_owners_as_ready`.
+_OWNER_THREADS = forks.ProcessThreads(16, "ray-cache-owner")
 
 
 def read_units(

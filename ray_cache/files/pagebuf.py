@@ -25,6 +25,7 @@ Page size: 4 MiB
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import threading
@@ -88,6 +89,69 @@ def assemble(reqs: Sequence[PageRequest], bufs: Sequence[memoryview], start: int
     """Bytes ``[start, end)`` cut from consecutive pages (one copy; none for no pages)."""
     parts = [buf[max(start, r.start) - r.start : min(end, r.end) - r.start] for r, buf in zip(reqs, bufs)]
     return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+
+#: A read at least this long is copied into its result page by page as pages arrive
+#: (:class:`Assembly`), not in one copy after the last.
+ASSEMBLE_AHEAD_BYTES = 16 * 1024 * 1024
+
+_new_bytes = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+    ("PyBytes_FromStringAndSize", ctypes.pythonapi))
+_bytes_address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(
+    ("PyBytes_AsString", ctypes.pythonapi))
+
+
+class Assembly:
+    """The bytes ``[start, end)`` of consecutive pages, each page copied in as it arrives.
+
+    A whole-file read of a large file otherwise makes its one copy after its last page,
+    when every reader of a model on a node copies at once (1 GB: 0.6 s alone, 1.3 s with
+    four at once on two cores). The result is a ``bytes`` object made uninitialized and
+    filled before anyone else sees it: the one case in which CPython's C API allows
+    writing into a bytes object (``PyBytes_FromStringAndSize(NULL, n)``, then
+    ``PyBytes_AsString``). Pages arrive on several threads; each fills its own slice.
+
+    Examples
+    --------
+    >>> obj = StoreObject("s3", "b/k", 10, "etag:x/10")
+    >>> plan = page_requests(obj, 3, 10, 4)
+    >>> a = Assembly(plan, 3, 10)
+    >>> a.put(plan[1], memoryview(b"4567").cast("b"))  # any byte format
+    >>> a.finish([memoryview(b"0123"), memoryview(b"4567"), memoryview(b"89")])
+    b'3456789'
+    """
+
+    def __init__(self, plan: Sequence[PageRequest], start: int, end: int) -> None:
+        self.plan, self.start, self.end = list(plan), start, end
+        self._data = _new_bytes(None, end - start)
+        self._view: Optional[memoryview] = memoryview(
+            (ctypes.c_char * (end - start)).from_address(_bytes_address(self._data))).cast("B")
+        self._index = {r.key.digest: i for i, r in enumerate(self.plan)}
+        self._filled = [False] * len(self.plan)
+
+    def put(self, req: PageRequest, buf: memoryview) -> None:
+        """Copy in page ``req`` (its whole bytes, as read); pages not in the plan are ignored."""
+        i = self._index.get(req.key.digest)
+        if i is None or self._filled[i] or self._view is None:
+            return
+        r = self.plan[i]
+        lo, hi = max(self.start, r.start), min(self.end, r.end)
+        src = buf if buf.format == "B" else buf.cast("B")
+        self._view[lo - self.start:hi - self.start] = src[lo - r.start:hi - r.start]
+        self._filled[i] = True
+
+    def finish(self, results: Sequence[Any]) -> Union[bytes, BaseException]:
+        """The bytes, once ``results`` (each page's buffer or exception, in plan order)
+        are all in: pages not put yet are copied now; the first exception is returned."""
+        err = next((r for r in results if isinstance(r, BaseException)), None)
+        if err is not None:
+            return err
+        for r, buf in zip(self.plan, results):
+            self.put(r, buf)
+        assert self._view is not None, "finished twice"
+        self._view.release()
+        self._view = None
+        return self._data
 
 
 def cut(plan: Sequence[PageRequest], results: Sequence[Any], start: int,

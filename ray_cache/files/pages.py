@@ -49,17 +49,18 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import ray
 
 from ray_cache.store import fetch
 from ray_cache.cluster import hashing
 from ray_cache.files.pagebuf import (  # noqa: F401 - re-exported: the page parts are used as pages.*
-    BUFFER_BYTES, MAPPED_BYTES, PAGE_SIZE, Layout, PageBuffers, assemble, clamp, cut, map_page,
+    ASSEMBLE_AHEAD_BYTES, BUFFER_BYTES, MAPPED_BYTES, PAGE_SIZE, Assembly, Layout, PageBuffers,
+    assemble, clamp, cut, map_page,
     page_buffer, page_requests,
 )
-from ray_cache.cluster.routing import CACHE_FULL, WORKER_GONE, ask_owners, report_fallback, warn_once
+from ray_cache.cluster.routing import CACHE_FULL, WORKER_GONE, ask_owners_as_ready, report_fallback, warn_once
 from ray_cache.cluster import forks, membership
 from ray_cache.cluster.membership import WorkerRef
 from ray_cache.config import WORKER_TIMEOUT_S
@@ -67,15 +68,12 @@ from ray_cache.store.errors import ObjectChangedError, translate
 from ray_cache.store.fetch import PageRequest
 from ray_cache.store.keys import StoreObject
 from ray_cache.files.local import LocalChannels, local_slots
+from ray_cache.files.touches import Touches
 
 log = logging.getLogger("ray_cache.files.pages")
 
 #: Seconds a process reuses its list of workers before asking Ray again.
 WORKERS_TTL_S = 30.0
-#: Directly mapped pages reported to their owner per ``touch`` call, at most ...
-TOUCH_BATCH = 256
-#: ... and at least this often (seconds) while pages are being mapped.
-TOUCH_EVERY_S = 1.0
 
 #: One page's bytes, or the exception that stands for it.
 PageResult = Union[memoryview, BaseException]
@@ -102,14 +100,11 @@ class PageReader:
         self._address: Optional[str] = None
         self._workers: Optional[List[WorkerRef]] = None
         self._workers_at = 0.0
-        self._lock = threading.Lock()  # counters and touches
+        self._lock = threading.Lock()  # counters
         self._refresh_lock = threading.Lock()  # one refresh of the workers at a time
         self._counters: Dict[str, int] = {}
         self._buffer_hits = 0
-        self._touches: Dict[int, List[str]] = {}
-        self._touched_at = time.monotonic()
-        self._touch_calls: List[Any] = []  # reports sent and maybe not yet applied
-        self._toucher: Optional[threading.Thread] = None  # a forked process's report in flight
+        self.touches = Touches(self)
         self._map_retry: Dict[str, float] = {}  # digest -> when to look for its file again
         self.channels = LocalChannels()
         #: Map pages of this node's disk tier directly (step 2); False: always ask the owner.
@@ -207,8 +202,13 @@ class PageReader:
             return assemble(plan, bufs, start, end)
         self._buffer_hits += len(bufs)
         rest = plan[len(bufs):]  # from the first page this process does not hold
-        got = self.read_pages(fs, rest)
-        out = cut(plan, bufs + [got[r.key.digest] for r in rest], start, end)
+        if end - start < ASSEMBLE_AHEAD_BYTES:
+            got = self.read_pages(fs, rest)
+            out = cut(plan, bufs + [got[r.key.digest] for r in rest], start, end)
+        else:  # copied in as pages arrive, not all at once after the last
+            whole = Assembly(plan, start, end)
+            got = self.read_pages(fs, rest, whole.put)
+            out = whole.finish(bufs + [got[r.key.digest] for r in rest])
         if isinstance(out, BaseException):
             raise out
         return out
@@ -221,8 +221,11 @@ class PageReader:
         return [cut(plan, [got[r.key.digest] for r in plan], s, e)
                 for (_obj, s, e), plan in zip(items, plans)]
 
-    def read_pages(self, fs: Any, reqs: Sequence[PageRequest]) -> Dict[str, PageResult]:
-        """Each page's buffer (or exception) by key digest, from the cheapest source."""
+    def read_pages(self, fs: Any, reqs: Sequence[PageRequest],
+                   arrived: Optional[Callable[[PageRequest, memoryview], None]] = None
+                   ) -> Dict[str, PageResult]:
+        """Each page's buffer (or exception) by key digest, from the cheapest source.
+        ``arrived(req, buf)`` is called for pages that come from workers, as each comes."""
         out: Dict[str, PageResult] = {}
         todo: Dict[str, PageRequest] = {}
         hits = 0
@@ -245,7 +248,7 @@ class PageReader:
                 out[d] = buf
                 del todo[d]
         if todo:
-            out.update(self._fetch(fs, list(todo.values())))
+            out.update(self._fetch(fs, list(todo.values()), arrived))
         return out
 
     def _held(self, req: PageRequest) -> Optional[memoryview]:
@@ -280,63 +283,23 @@ class PageReader:
             if buf is not None:
                 self.mapped.put(req.key.digest, None, buf)
                 self._count(mapped_pages=1, **({} if i == o else {"replica_pages": 1}))
-                self._touch(i, req.key.digest)
+                self.touches.add(i, req.key.digest)
                 return buf
         return None
 
-    def _touch(self, o: int, digest: str) -> None:
-        # Report mapped reads to their owner (index ``o``) now and then: its recency and hit counters.
-        if self._workers is None and not forks.ray_forked():
-            return
-        with self._lock:
-            self._touches.setdefault(o, []).append(digest)
-            due = (len(self._touches[o]) >= TOUCH_BATCH
-                   or time.monotonic() - self._touched_at >= TOUCH_EVERY_S)
-        if due and forks.ray_forked():  # a channel call: sent from a thread, reads go on
-            if self._toucher is None or not self._toucher.is_alive():
-                self._toucher = threading.Thread(target=self.flush_touches, daemon=True)
-                self._toucher.start()
-        elif due:
-            self.flush_touches()
-
     def flush_touches(self) -> List[Any]:
         """Report the pages this process mapped from disk since the last report to their
-        owners now (it happens on its own every :data:`TOUCH_BATCH` pages or
-        :data:`TOUCH_EVERY_S` seconds). Bookkeeping only: reads never wait on it.
-        Returns the ``ObjectRef`` s of every report not yet known to be applied (this
-        call's and earlier ones'), so a caller that waits on them sees every mapped read
-        counted by the owners."""
-        workers = self._workers
-        with self._lock:
-            batches, self._touches = self._touches, {}
-            self._touched_at = time.monotonic()
-        calls: List[Any] = []
-        if forks.ray_forked():  # through the channel of the worker whose disk was mapped
-            layout = self.layout
-            for o, batch in batches.items():
-                if batch and layout is not None and o in layout.slots:
-                    self.channels.touch(layout.slots[o], batch)
-            return calls
-        if workers is None:
-            return calls
-        for o, batch in batches.items():
-            if batch and o < len(workers):
-                try:
-                    calls.append(workers[o].handle.touch.remote(batch))
-                except Exception:  # noqa: BLE001 - bookkeeping only; reads do not depend on it
-                    pass
-        with self._lock:  # reports sent on their own earlier and maybe not yet applied
-            pending = self._touch_calls
-            if pending:
-                _done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-            self._touch_calls = pending + calls
-            return list(self._touch_calls)
+        owners now (see :meth:`ray_cache.files.touches.Touches.flush`); the ``ObjectRef`` s
+        of every report not yet known to be applied."""
+        return self.touches.flush()
 
-    def _fetch(self, fs: Any, reqs: List[PageRequest]) -> Dict[str, PageResult]:
+    def _fetch(self, fs: Any, reqs: List[PageRequest],
+               arrived: Optional[Callable[[PageRequest, memoryview], None]] = None
+               ) -> Dict[str, PageResult]:
         workers = self.workers()
         if workers is None:  # a process without Ray: this node's workers' channels
             return self.channels.read(self, fs, reqs)
-        got, _ = self._from_workers(fs, reqs, workers)
+        got, _ = self._from_workers(fs, reqs, workers, arrived)
         dead: Dict[str, BaseException] = {}
         gone = [r for r in reqs if got[r.key.digest] is _GONE]
         if gone:  # a worker died or was replaced (same name, new actor): ask Ray again
@@ -359,21 +322,30 @@ class PageReader:
             report_fallback(workers, next(iter(dead), ""), len(direct), sum(r.end - r.start for r in direct))
         return got
 
-    def _from_workers(self, fs: Any, reqs: Sequence[PageRequest], workers: Sequence[WorkerRef]
+    def _from_workers(self, fs: Any, reqs: Sequence[PageRequest], workers: Sequence[WorkerRef],
+                      arrived: Optional[Callable[[PageRequest, memoryview], None]] = None
                       ) -> Tuple[Dict[str, Any], Dict[str, BaseException]]:
         """Results by digest (``_GONE`` where the owner did not answer) and the owners gone."""
         out: Dict[str, Any] = {}
         gone: Dict[int, BaseException] = {}
-        for r, (o, answer) in zip(reqs, ask_owners(fs, reqs, workers, gone)):
+
+        def handle(i: int, o: int, answer: Any) -> None:
+            r = reqs[i]
             try:
                 if isinstance(answer, BaseException):
                     raise answer
-                out[r.key.digest] = self._take(answer, r)
+                out[r.key.digest] = buf = self._take(answer, r)
+                if arrived is not None and not isinstance(buf, BaseException):
+                    arrived(r, buf)
             except WORKER_GONE as exc:
-                gone[o] = exc
+                gone.setdefault(o, exc)
                 out[r.key.digest] = _GONE
             except CACHE_FULL:
                 out[r.key.digest] = _FULL
+
+        # Every page is needed before any is used, so each is taken (pulled to this node)
+        # the moment its owner has it, owners in parallel.
+        ask_owners_as_ready(fs, reqs, workers, handle, gone)
         return out, {workers[o].name: exc for o, exc in gone.items()}
 
     def _take(self, item: Any, req: PageRequest) -> PageResult:

@@ -17,26 +17,16 @@ asking again. A failed prefetch is forgotten: the read itself fetches and report
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, List, Sequence
 
+from ray_cache.cluster import forks
 from ray_cache.config import WORKER_TIMEOUT_S
 
 #: Most pages fetched ahead of a sequential reader.
 MAX_PAGES = 16
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_PID = 0
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL, _POOL_PID
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():  # threads do not survive fork
-            _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ray-cache-ahead"), os.getpid()
-        return _POOL
+#: Threads that fetch pages ahead of sequential readers.
+_THREADS = forks.ProcessThreads(4, "ray-cache-ahead")
 
 
 class Readahead:
@@ -97,7 +87,7 @@ class Readahead:
         todo = [i for i in indices if i not in self._inflight]
         if not todo:
             return
-        fut = _pool().submit(fetch, todo)
+        fut = _THREADS.pool().submit(fetch, todo)
         for i in todo:
             self._inflight[i] = fut
         if len(self._inflight) > 4 * MAX_PAGES:  # pages the reader skipped past

@@ -16,7 +16,7 @@ import pickle
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
@@ -32,6 +32,7 @@ from ray_cache.store.keys import StoreObject
 from ray_cache.node.calls import next_item
 from ray_cache.node.channel import ChannelServer, channel_path
 from ray_cache.node.metrics import WorkerMetrics
+from ray_cache.node.parts import ColdParts
 from ray_cache.node.pageentry import page_buffer, page_table
 from ray_cache.node.tiers.memory import node_store_used
 from ray_cache.node.uploads import UploadWatch
@@ -40,8 +41,6 @@ log = logging.getLogger("ray_cache.node.worker")
 
 #: Parsed footers kept per worker process (their bytes are cache entries too).
 _META_CACHE_ITEMS = 4096
-#: Cold page parts (``fetch.PART_BYTES`` each) one worker reads ahead of their pages at once.
-AHEAD_PARTS = 8
 
 Request = Union[UnitRequest, PageRequest]
 
@@ -61,15 +60,14 @@ class CacheWorker:
         self.config = dataclasses.replace(cfg, disk_dir=disk_dir)
         self.node_id = node_id
         self.cache = LocalCache(self.config)
+        self.parts = ColdParts(self.cache.holds_or_fills, self._count_store)
         self.metrics = WorkerMetrics(node_id)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ray-cache-fetch")
-        self._ahead = ThreadPoolExecutor(max_workers=AHEAD_PARTS, thread_name_prefix="ray-cache-part")
         self._meta: "OrderedDict[Tuple[str, str], pq.FileMetaData]" = OrderedDict()
         self._lock = threading.Lock()
         self.started_at = time.time()
         self._stop = threading.Event()
         self._peers: Dict[str, Any] = {}
-        self._parts: Dict[Tuple[str, str], fetch.PagePart] = {}  # parts being read, by first and last page
         self.uploads = UploadWatch(self.cache.count)
         self._handovers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ray-cache-handover")
         threading.Thread(target=self._export_loop, name="ray-cache-metrics", daemon=True).start()
@@ -203,44 +201,49 @@ class CacheWorker:
             key, lambda: page_table(fetch.read_footer(fs, obj, self._count_store)))
         return ray.get(ref, timeout=WORKER_TIMEOUT_S).column(0)[0].as_py()
 
-    def get_many(self, fs: Any, requests: Sequence[Request]) -> Iterator[Tuple]:
+    def get_many(self, fs: Any, requests: Sequence[Request], as_ready: bool = False) -> Iterator[Tuple]:
         """Stream one result per request, in order, fetching misses in parallel.
 
         Each item is ``("ok", [ref], nbytes, tier)`` where ``tier`` is ``"memory"``,
-        ``"disk"`` or ``"store"``, or ``("err", exception)``.
+        ``"disk"`` or ``"store"``, or ``("err", exception)``. With ``as_ready``, items come
+        as they are ready instead, each as ``(index of its request, item)``: a reader that
+        needs every page before it can use any (a whole-file read) takes each the moment
+        it is here, not after the slowest part ahead of it.
         """
-        parts, mine = {}, []  # consecutive cold pages of one object are fetched as one part
-        for part in fetch.PagePart.group(fs, [r for r in requests if isinstance(r, PageRequest)],
-                                         self._count_store):
-            span = (part.reqs[0].key.digest, part.reqs[-1].key.digest)
-            with self._lock:  # readers asking for the same part at once share its one read
-                shared = self._parts.setdefault(span, part)
-            if shared is part:
-                mine.append(span)
-                # Cold parts are read ahead of their pages, AHEAD_PARTS at once: the page
-                # threads hold a part's pages while it is read, so on their own they kept
-                # only 2 parts in flight and left the link idle between waves. A part any
-                # of whose pages is held, or being filled, is left to its pages as before.
-                if not any(self.cache.holds_or_fills(r.key.digest) for r in part.reqs):
-                    self._ahead.submit(part.fetch)
-            for r in part.reqs:
-                parts[r.key.digest] = shared
+        parts, mine = self.parts.claim(fs, requests)  # consecutive cold pages: one read each
         try:
-            yield from self._stream(fs, requests, parts)
+            yield from (self._stream_as_ready if as_ready else self._stream)(fs, requests, parts)
         finally:
-            with self._lock:
-                for span in mine:
-                    self._parts.pop(span, None)
+            self.parts.release(mine)
 
     def _stream(self, fs: Any, requests: Sequence[Request], parts: Dict[str, Any]) -> Iterator[Tuple]:
-        futures = [self._pool.submit(self._serve, fs, req, parts.get(req.key.digest)) for req in requests]
+        futures = [self._submit(fs, req, parts.get(req.key.digest)) for req in requests]
         for req, fut in zip(requests, futures):
-            try:
-                ref, nbytes, tier = fut.result(timeout=WORKER_TIMEOUT_S)
-                yield ("ok", [ref], nbytes, tier)
-            except Exception as exc:  # noqa: BLE001 - handed to the reader to raise
-                self.cache.count(errors=1)
-                yield ("err", translate(exc, req.obj.url))
+            yield self._item(req, fut, WORKER_TIMEOUT_S)
+
+    def _stream_as_ready(self, fs: Any, requests: Sequence[Request], parts: Dict[str, Any]
+                         ) -> Iterator[Tuple[int, Tuple]]:
+        index = {self._submit(fs, req, parts.get(req.key.digest)): i for i, req in enumerate(requests)}
+        pending = set(index)
+        while pending:
+            done, pending = wait(pending, timeout=WORKER_TIMEOUT_S, return_when=FIRST_COMPLETED)
+            # Nothing ready in WORKER_TIMEOUT_S: what is left fails with the timeout.
+            for fut in sorted(done or pending, key=index.__getitem__):
+                yield index[fut], self._item(requests[index[fut]], fut, 0)
+            if not done:
+                return
+
+    def _item(self, req: Request, fut: "Future[Any]", timeout_s: float) -> Tuple:
+        try:
+            ref, nbytes, tier = fut.result(timeout=timeout_s)
+            return ("ok", [ref], nbytes, tier)
+        except Exception as exc:  # noqa: BLE001 - handed to the reader to raise
+            self.cache.count(errors=1)
+            return ("err", translate(exc, req.obj.url))
+
+    def _submit(self, fs: Any, req: Request, part: Optional[fetch.PagePart]) -> "Future[Any]":
+        # A page of a part being read is queued once the part is in (ray_cache.node.parts).
+        return ColdParts.after(part, lambda: self._pool.submit(self._serve, fs, req, part))
 
     def load(self, fs: Any, requests: Sequence[Request]) -> Iterator[Tuple]:
         """Like :meth:`get_many` but ship no data: ``("ok", nbytes, tier)`` per request."""
