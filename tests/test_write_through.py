@@ -312,3 +312,39 @@ def test_a_safetensors_checkpoint_loads_on_every_node_reading_the_store_once_in_
     again = ray.get([loader(n).remote(rfs) for n in nodes], timeout=300)
     assert all(torch.equal(t["layer3.weight"], tensors["layer3.weight"]) for t, _n in again)
     assert data_gets(proxy) == [], "the next rollout reads no byte from the store"
+
+
+def test_a_page_the_memory_tier_declined_is_served_while_its_disk_write_waits(ray_session, tmp_path):
+    """A written page (or a fetched one) that the memory tier has no room for lives only in
+    its pending disk write for a while: a reader asking then gets it, and nothing is
+    fetched again (a full memory tier once cost a written-through file 2 data GETs)."""
+    import threading
+
+    from ray_cache.config import WorkerConfig
+    from ray_cache.node.entries import LocalCache
+    from ray_cache.node.pageentry import page_table
+    from ray_cache.store.keys import EntryKey
+
+    lc = LocalCache(WorkerConfig(memory_bytes=1 << 10, disk_bytes=1 << 30, disk_dir=str(tmp_path)))
+    key = EntryKey("s3", "b/k", "etag:e/1", "page4", 0, 1)
+    data = b"p" * (64 << 10)  # larger than the memory tier: never kept there
+    gate = threading.Event()
+    lc._writer.submit(gate.wait, 60)  # the disk writer is busy: the page's write waits
+    try:
+        loads = []
+
+        def load():
+            loads.append(1)
+            return page_table(data)
+
+        _ref, _n, tier = lc.get_or_load(key, load)
+        assert tier == "store" and key.digest not in lc.memory.sizes and key.digest not in lc.disk.sizes
+        assert lc.holds_or_fills(key.digest), "on its way to disk"
+        ref, _n, tier = lc.get_or_load(key, load)
+        assert loads == [1], "served from the pending write, not loaded again"
+        assert bytes(ray.get(ref).column(0)[0].as_py()) == data
+    finally:
+        gate.set()
+        lc.flush()
+    assert key.digest in lc.disk.sizes and not lc._writing
+    lc.disk.close()

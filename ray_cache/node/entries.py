@@ -76,6 +76,9 @@ class LocalCache:
         self._inflight: Dict[str, Future] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-cache-disk")
         self._pending: "set[Future]" = set()
+        #: Tables on their way to the disk tier: an entry the memory tier declined is
+        #: served from here until its write is done, not fetched again.
+        self._writing: Dict[str, pa.Table] = {}
         self._state_path = os.path.join(self.disk.slot, "state.json")
         self._load_state()
 
@@ -102,7 +105,8 @@ class LocalCache:
 
     def holds_or_fills(self, digest: str) -> bool:
         """Whether a tier holds ``digest`` or a fill of it is under way (no side effect)."""
-        return digest in self.memory.sizes or digest in self.disk.sizes or digest in self._inflight
+        return (digest in self.memory.sizes or digest in self.disk.sizes or digest in self._inflight
+                or digest in self._writing)
 
     def touch(self, digests: Sequence[str]) -> int:
         """Record reads of disk-tier entries made without asking (mapped by a reader on
@@ -180,6 +184,9 @@ class LocalCache:
         if again is not None:
             return again, self.memory.sizes.get(digest, 0), "memory"
         table = self.disk.get(digest)
+        if table is None:
+            with self._lock:
+                table = self._writing.get(digest)
         if table is not None:
             return self.memory.put(digest, table), table.nbytes, "disk"
         table = load()
@@ -227,9 +234,15 @@ class LocalCache:
             except OSError as exc:
                 self.count(disk_write_errors=1)
                 log.warning("ray_cache: disk tier write failed: %s", exc)
+            finally:
+                with self._lock:
+                    if self._writing.get(digest) is table:
+                        del self._writing[digest]
             if not stored:
                 self._left.append(digest)  # its label goes if memory did not keep it either
 
+        with self._lock:
+            self._writing[digest] = table
         fut = self._writer.submit(write)
         with self._lock:
             self._pending.add(fut)
