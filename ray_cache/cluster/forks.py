@@ -62,17 +62,19 @@ class ProcessThreads:
     def __init__(self, max_workers: int, name: str) -> None:
         self.max_workers, self.name = max_workers, name
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._pid = 0
         self._lock = threading.Lock()
+        after_fork(self._forget)
+
+    def _forget(self) -> None:
+        # In a forked child: the parent's pool has no threads here, and a lock held at the
+        # fork would stay held.
+        self._lock, self._pool = threading.Lock(), None
 
     def pool(self) -> ThreadPoolExecutor:
         """This process's pool."""
-        if self._pid != os.getpid():  # a lock held at the fork stays held in the child
-            self._lock = threading.Lock()
         with self._lock:
-            if self._pool is None or self._pid != os.getpid():
+            if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix=self.name)
-                self._pid = os.getpid()
             return self._pool
 
 

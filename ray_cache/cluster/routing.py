@@ -12,6 +12,7 @@ a wrong row, never silent.
 from __future__ import annotations
 
 import logging
+from concurrent import futures
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
@@ -169,6 +170,7 @@ def ask_owners_as_ready(
 
     ``handle`` may add an owner to ``gone`` (it failed to get an object that owner pointed
     to): that owner's later requests are handled with the exception, without waiting.
+    ``handle`` must not wait on this pool (it must not read pages itself).
     A whole-file read of pages owned across N nodes is where order costs: answered in
     order, a reader took its first page only once the slowest of the first parts was in,
     and pulled the rest of the file to its node after the store had sent it all.
@@ -208,10 +210,12 @@ def ask_owners_as_ready(
     owners = sorted(batches)
     others = [_OWNER_THREADS.pool().submit(drain, o) for o in owners[1:]]
     try:
-        drain(owners[0]) if owners else None
-    finally:
-        for fut in others:
-            fut.result()
+        if owners:
+            drain(owners[0])
+    finally:  # every drain has ended before this returns or raises: none writes after
+        futures.wait(others)
+    for fut in others:
+        fut.result()
 
 
 #: Threads that drain owners' streams for :func:`ask_owners_as_ready`.

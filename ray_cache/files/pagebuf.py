@@ -148,7 +148,8 @@ class Assembly:
             return err
         for r, buf in zip(self.plan, results):
             self.put(r, buf)
-        assert self._view is not None, "finished twice"
+        if self._view is None or not all(self._filled):
+            raise RuntimeError("an assembly finished twice, or with pages missing")
         self._view.release()
         self._view = None
         return self._data

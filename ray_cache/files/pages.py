@@ -342,6 +342,8 @@ class PageReader:
                 out[r.key.digest] = _GONE
             except CACHE_FULL:
                 out[r.key.digest] = _FULL
+            except Exception as exc:  # noqa: BLE001 - this page's result, raised by the caller
+                out[r.key.digest] = translate(exc, r.obj.url)
 
         # Every page is needed before any is used, so each is taken (pulled to this node)
         # the moment its owner has it, owners in parallel.

@@ -183,10 +183,10 @@ class LocalCache:
         again = self.memory.get(digest)  # filled while we waited for the flight lock
         if again is not None:
             return again, self.memory.sizes.get(digest, 0), "memory"
-        table = self.disk.get(digest)
+        with self._lock:  # first: its write may end (and the disk tier hold it) meanwhile
+            table = self._writing.get(digest)
         if table is None:
-            with self._lock:
-                table = self._writing.get(digest)
+            table = self.disk.get(digest)
         if table is not None:
             return self.memory.put(digest, table), table.nbytes, "disk"
         table = load()

@@ -58,17 +58,22 @@ class ColdParts:
         :meth:`release` when it is done). Cold parts it started are being read."""
         by_page: Dict[str, fetch.PagePart] = {}
         mine: List[Span] = []
-        for part in fetch.PagePart.group(fs, [r for r in requests if isinstance(r, PageRequest)], self._count):
-            span = (part.reqs[0].key.digest, part.reqs[-1].key.digest)
-            cold = not any(self._held(r.key.digest) for r in part.reqs)
-            with self._lock:
-                shared = self._parts.setdefault(span, part)
-                if shared is part:
-                    mine.append(span)
-                    if cold:
-                        part.ahead = self._pool.submit(part.fetch)
-            for r in part.reqs:
-                by_page[r.key.digest] = shared
+        try:
+            for part in fetch.PagePart.group(fs, [r for r in requests if isinstance(r, PageRequest)],
+                                             self._count):
+                span = (part.reqs[0].key.digest, part.reqs[-1].key.digest)
+                cold = not any(self._held(r.key.digest) for r in part.reqs)
+                with self._lock:
+                    shared = self._parts.setdefault(span, part)
+                    if shared is part:
+                        mine.append(span)
+                        if cold:
+                            part.ahead = self._pool.submit(part.fetch)
+                for r in part.reqs:
+                    by_page[r.key.digest] = shared
+        except BaseException:
+            self.release(mine)
+            raise
         return by_page, mine
 
     def release(self, spans: Sequence[Span]) -> None:
@@ -97,11 +102,10 @@ class ColdParts:
         out: "Future[Any]" = Future()
 
         def settle(done: "Future[Any]") -> None:
-            exc = done.exception()
-            if exc is not None:
-                out.set_exception(exc)
-            else:
+            try:
                 out.set_result(done.result())
+            except BaseException as exc:  # noqa: BLE001 - a failure (or cancellation) is the page's
+                out.set_exception(exc)
 
         def go(_read: "Future[Any]") -> None:
             try:
