@@ -134,26 +134,45 @@ def ask_owners(
     caller failed to get an object it pointed to and added it), every later request it
     owned gets that exception at once, so no reader waits on a dead worker twice.
     """
-    names = [w.name for w in workers]
-    owners = [hashing.owner(r.key.digest, names) for r in requests]
-    streams: Dict[int, Any] = {}
     gone = {} if gone is None else gone
-    for o in sorted(set(owners)):
-        batch = [r for r, ow in zip(requests, owners) if ow == o]
-        try:
-            streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(fs, batch)
-        except WORKER_GONE as exc:
-            gone[o] = exc
+    owners, _batches, streams = _open_streams(fs, requests, workers, gone)
     for o in owners:
         if o not in gone:
             try:
-                yield o, ray.get(next_item(streams[o]), timeout=WORKER_TIMEOUT_S)
+                yield o, _next_answer(streams[o])
                 continue
             except WORKER_GONE as exc:
                 gone[o] = exc
-            except StopIteration:
-                gone[o] = RayActorError("the worker's stream ended early")
         yield o, gone[o]
+
+
+def _open_streams(fs: Any, requests: Sequence[Any], workers: Sequence[WorkerRef],
+                  gone: Dict[int, BaseException], as_ready: bool = False
+                  ) -> Tuple[List[int], Dict[int, List[int]], Dict[int, Any]]:
+    """Each request's owner, each owner's request indices, and one streaming ``get_many``
+    call per owner (an owner that cannot be called goes into ``gone``)."""
+    names = [w.name for w in workers]
+    owners = [hashing.owner(r.key.digest, names) for r in requests]
+    batches: Dict[int, List[int]] = {}
+    for i, o in enumerate(owners):
+        batches.setdefault(o, []).append(i)
+    streams: Dict[int, Any] = {}
+    for o, idx in sorted(batches.items()):
+        try:
+            streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(
+                fs, [requests[i] for i in idx], **({"as_ready": True} if as_ready else {}))
+        except WORKER_GONE as exc:
+            gone[o] = exc
+    return owners, batches, streams
+
+
+def _next_answer(stream: Any) -> Any:
+    """``ray.get`` of a stream's next item; a ``WORKER_GONE`` error if the worker is gone,
+    did not answer in ``WORKER_TIMEOUT_S``, or ended its stream early."""
+    try:
+        return ray.get(next_item(stream), timeout=WORKER_TIMEOUT_S)
+    except StopIteration:
+        raise RayActorError("the worker's stream ended early") from None
 
 
 def ask_owners_as_ready(
@@ -175,30 +194,17 @@ def ask_owners_as_ready(
     order, a reader took its first page only once the slowest of the first parts was in,
     and pulled the rest of the file to its node after the store had sent it all.
     """
-    names = [w.name for w in workers]
-    batches: Dict[int, List[int]] = {}
-    for i, r in enumerate(requests):
-        batches.setdefault(hashing.owner(r.key.digest, names), []).append(i)
     gone = {} if gone is None else gone
-    streams: Dict[int, Any] = {}
-    for o, idx in sorted(batches.items()):
-        try:
-            streams[o] = workers[o].handle.get_many.options(num_returns="streaming").remote(
-                fs, [requests[i] for i in idx], as_ready=True)
-        except WORKER_GONE as exc:
-            gone[o] = exc
+    _owners, batches, streams = _open_streams(fs, requests, workers, gone, as_ready=True)
 
     def drain(o: int) -> None:
         idx, seen = batches[o], [False] * len(batches[o])
         left = len(idx)
         while left and o not in gone:
             try:
-                j, answer = ray.get(next_item(streams[o]), timeout=WORKER_TIMEOUT_S)
+                j, answer = _next_answer(streams[o])
             except WORKER_GONE as exc:
                 gone[o] = exc
-                break
-            except StopIteration:
-                gone[o] = RayActorError("the worker's stream ended early")
                 break
             if not seen[j]:
                 seen[j], left = True, left - 1

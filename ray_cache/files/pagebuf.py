@@ -87,7 +87,7 @@ _page_request = functools.lru_cache(maxsize=1 << 16)(fetch.page_request)
 
 def assemble(reqs: Sequence[PageRequest], bufs: Sequence[memoryview], start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` cut from consecutive pages (one copy; none for no pages)."""
-    parts = [buf[max(start, r.start) - r.start : min(end, r.end) - r.start] for r, buf in zip(reqs, bufs)]
+    parts = [_within(r, buf, start, end) for r, buf in zip(reqs, bufs)]
     return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
 
@@ -135,9 +135,9 @@ class Assembly:
         if i is None or self._filled[i] or self._view is None:
             return
         r = self.plan[i]
-        lo, hi = max(self.start, r.start), min(self.end, r.end)
-        src = buf if buf.format == "B" else buf.cast("B")
-        self._view[lo - self.start:hi - self.start] = src[lo - r.start:hi - r.start]
+        lo = max(self.start, r.start) - self.start
+        part = _within(r, buf if buf.format == "B" else buf.cast("B"), self.start, self.end)
+        self._view[lo:lo + len(part)] = part
         self._filled[i] = True
 
     def finish(self, results: Sequence[Any]) -> Union[bytes, BaseException]:
@@ -153,6 +153,11 @@ class Assembly:
         self._view.release()
         self._view = None
         return self._data
+
+
+def _within(req: PageRequest, buf: memoryview, start: int, end: int) -> memoryview:
+    """The part of page ``req`` (its bytes ``buf``) inside ``[start, end)``."""
+    return buf[max(start, req.start) - req.start:min(end, req.end) - req.start]
 
 
 def cut(plan: Sequence[PageRequest], results: Sequence[Any], start: int,

@@ -241,10 +241,9 @@ class LocalCache:
             if not stored:
                 self._left.append(digest)  # its label goes if memory did not keep it either
 
-        with self._lock:
+        with self._lock:  # the write's own lock waits until both are noted
             self._writing[digest] = table
-        fut = self._writer.submit(write)
-        with self._lock:
+            fut = self._writer.submit(write)
             self._pending.add(fut)
         fut.add_done_callback(self._written)
 

@@ -27,6 +27,13 @@ AHEAD_PARTS = 8
 Span = Tuple[str, str]
 
 
+class AheadPart(fetch.PagePart):
+    """A part whose read may be under way ahead of its pages (:meth:`ColdParts.claim`)."""
+
+    #: That read, if one was started.
+    ahead: Optional["Future[None]"] = None
+
+
 class ColdParts:
     """The parts one worker is reading, by their first and last page.
 
@@ -50,16 +57,16 @@ class ColdParts:
         self._held, self._count = held, count
         self._pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="ray-cache-part")
         self._lock = threading.Lock()
-        self._parts: Dict[Span, fetch.PagePart] = {}
+        self._parts: Dict[Span, AheadPart] = {}
 
-    def claim(self, fs: Any, requests: Sequence[Any]) -> Tuple[Dict[str, fetch.PagePart], List[Span]]:
+    def claim(self, fs: Any, requests: Sequence[Any]) -> Tuple[Dict[str, AheadPart], List[Span]]:
         """The part of each page request among ``requests`` (by key digest), shared with
         readers asking for the same part now, and the spans this call started (to
         :meth:`release` when it is done). Cold parts it started are being read."""
-        by_page: Dict[str, fetch.PagePart] = {}
+        by_page: Dict[str, AheadPart] = {}
         mine: List[Span] = []
         try:
-            for part in fetch.PagePart.group(fs, [r for r in requests if isinstance(r, PageRequest)],
+            for part in AheadPart.group(fs, [r for r in requests if isinstance(r, PageRequest)],
                                              self._count):
                 span = (part.reqs[0].key.digest, part.reqs[-1].key.digest)
                 cold = not any(self._held(r.key.digest) for r in part.reqs)
@@ -87,7 +94,7 @@ class ColdParts:
         return len(self._parts)
 
     @staticmethod
-    def after(part: Optional[fetch.PagePart], submit: Callable[[], "Future[Any]"]) -> "Future[Any]":
+    def after(part: Optional[AheadPart], submit: Callable[[], "Future[Any]"]) -> "Future[Any]":
         """``submit()`` now, or once ``part``'s read ahead is done; a future of its result.
 
         Examples

@@ -32,7 +32,7 @@ from ray_cache.store.keys import StoreObject
 from ray_cache.node.calls import next_item
 from ray_cache.node.channel import ChannelServer, channel_path
 from ray_cache.node.metrics import WorkerMetrics
-from ray_cache.node.parts import ColdParts
+from ray_cache.node.parts import AheadPart, ColdParts
 from ray_cache.node.pageentry import page_buffer, page_table
 from ray_cache.node.tiers.memory import node_store_used
 from ray_cache.node.uploads import UploadWatch
@@ -241,7 +241,7 @@ class CacheWorker:
             self.cache.count(errors=1)
             return ("err", translate(exc, req.obj.url))
 
-    def _submit(self, fs: Any, req: Request, part: Optional[fetch.PagePart]) -> "Future[Any]":
+    def _submit(self, fs: Any, req: Request, part: Optional[AheadPart]) -> "Future[Any]":
         # A page of a part being read is queued once the part is in (ray_cache.node.parts).
         return ColdParts.after(part, lambda: self._pool.submit(self._serve, fs, req, part))
 

@@ -7,7 +7,6 @@ worker that owns the unit is gone, so both produce exactly the same table.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -196,8 +195,6 @@ class PagePart:
     def __init__(self, fs: Any, reqs: Sequence[PageRequest], count: Optional[Counter] = None) -> None:
         self.fs, self.reqs, self.count = fs, list(reqs), count
         self._lock = threading.Lock()
-        #: The read of this part under way ahead of its pages, if one was started.
-        self.ahead: Optional[Future] = None
         self._data: Optional[memoryview] = None
         self._error: Optional[BaseException] = None
 
