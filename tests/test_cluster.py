@@ -6,6 +6,8 @@ their share of keys, node loss and worker death mid-read, single flight.
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -298,6 +300,7 @@ def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
     prefix, paths = write_spread_dataset(s3fs_direct, prefix, files=files, rows=30_000, rg_rows=30_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
+    gc.collect()  # the cold dataset's blocks go now (a reference cycle holds them), not mid-test
     ray.get([w.handle.flush.remote() for w in membership.live_workers()], timeout=60)
     proxy.reset()
     ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
@@ -544,7 +547,20 @@ def test_copies_of_a_dataset_still_alive_count_against_the_room(
     def in_use():  # the most any GPU node's object store holds, as its raylet counts it
         return max(node_store_used(n) for n in gpu_node_ids())
 
-    copies = max(b.size_bytes for bundle in ds.iter_internal_ref_bundles() for b in bundle.metadata)
+    sizes = [b.size_bytes for bundle in ds.iter_internal_ref_bundles() for b in bundle.metadata]
+    copies = max(sizes)
+    # The cold read's blocks are held by a reference cycle until the garbage collector runs:
+    # freed at a random moment later, they made the room grow between the sample below and
+    # the read (a flake). Collect now, and wait until each GPU node's store holds about what
+    # it must: its worker's memory tier and the copies made there.
+    gc.collect()
+    tier = {w["node_id"]: int(w["memory_bytes_used"]) for w in ray_cache.status().workers}
+    where = [ray.experimental.get_object_locations([ref])[ref]["node_ids"] for ref in refs]
+    must = {n: tier.get(n, 0) + sum(size for nodes, size in zip(where, sizes) if n in nodes)
+            for n in gpu_node_ids()}
+    deadline = time.monotonic() + 60
+    while any(node_store_used(n) > must[n] + copies // 4 for n in must) and time.monotonic() < deadline:
+        time.sleep(0.2)  # Ray frees objects asynchronously once their last reference is gone
     held = in_use()
     capacity = 256 << 20  # conftest.NODE's object store
     monkeypatch.setattr(nodecopies, "COPY_FRACTION", (held + copies // 2) / capacity)
