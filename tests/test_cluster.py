@@ -300,7 +300,7 @@ def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
     prefix, paths = write_spread_dataset(s3fs_direct, prefix, files=files, rows=30_000, rg_rows=30_000)
     url = f"s3://{prefix}/"
     read_all(ray_cache.read_parquet(url, filesystem=s3fs_proxied))
-    gc.collect()  # the cold dataset's blocks go now (a reference cycle holds them), not mid-test
+    gc.collect()  # what of the cold read only the collector frees goes now, not mid-test
     ray.get([w.handle.flush.remote() for w in membership.live_workers()], timeout=60)
     proxy.reset()
     ds = ray_cache.read_parquet(url, filesystem=s3fs_proxied)
@@ -549,10 +549,10 @@ def test_copies_of_a_dataset_still_alive_count_against_the_room(
 
     sizes = [b.size_bytes for bundle in ds.iter_internal_ref_bundles() for b in bundle.metadata]
     copies = max(sizes)
-    # The cold read's blocks are held by a reference cycle until the garbage collector runs:
-    # freed at a random moment later, they made the room grow between the sample below and
-    # the read (a flake). Collect now, and wait until each GPU node's store holds about what
-    # it must: its worker's memory tier and the copies made there.
+    # Some of the cold read's bytes (a node's share of its blocks, 3.4 MB here) are freed
+    # only when the garbage collector runs: at a random moment, they made the room grow
+    # between the sample below and the read (a flake). Collect now, and wait until each GPU
+    # node's store holds about what it must: its worker's memory tier and its copies.
     gc.collect()
     tier = {w["node_id"]: int(w["memory_bytes_used"]) for w in ray_cache.status().workers}
     where = [ray.experimental.get_object_locations([ref])[ref]["node_ids"] for ref in refs]
