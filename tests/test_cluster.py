@@ -578,10 +578,11 @@ def test_copies_of_a_dataset_still_alive_count_against_the_room(
 
 
 def test_copies_are_freed_with_the_dataset(gpu_nodes, tmp_path, s3fs_direct, s3fs_proxied, proxy, prefix):
-    """Dropping the dataset frees its copies: once Python's collector has run. Every
-    execution of a Ray Data dataset (Ray's own too) keeps its logical plan, and so its
-    input blocks, in a reference cycle (Ray Data's usage callback and the executor): only
-    the collector frees them (``gc.collect()`` here)."""
+    """Dropping the dataset frees its copies: once Python's collector has run. An executed
+    Ray Data dataset's blocks stay reachable through reference cycles after it is dropped
+    (one seen: Ray Data's usage callback holding the logical plan), Ray's own too (an
+    iterated ``from_arrow_refs`` dataset's 80 MB stayed until ``gc.collect()``): only the
+    collector frees them (``gc.collect()`` here)."""
     import gc
     import time
 
