@@ -7,6 +7,7 @@ their share of keys, node loss and worker death mid-read, single flight.
 from __future__ import annotations
 
 import gc
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -191,7 +192,6 @@ def test_a_whole_file_read_across_owners_survives_a_worker_killed_mid_read(
     while the store is still sending: the read returns the file's bytes, from the other
     worker or the store, and does not hang."""
     import threading
-    import time
 
     import s3fs
 
@@ -216,9 +216,7 @@ def test_a_whole_file_read_across_owners_survives_a_worker_killed_mid_read(
         out: dict = {}
         reader = threading.Thread(target=lambda: out.update(got=rfs.cat_file(path)), daemon=True)
         reader.start()
-        deadline = time.monotonic() + 60
-        while not s3_data_gets(slow.requests(), BUCKET) and time.monotonic() < deadline:
-            time.sleep(0.02)  # polling for the store's first data GET, then the kill
+        _until(lambda: s3_data_gets(slow.requests(), BUCKET), every_s=0.02)  # the store's first data GET
         reading = reader.is_alive()
         ray.kill(victim.handle, no_restart=True)
         reader.join(timeout=240)
@@ -292,6 +290,18 @@ def test_forked_dataloader_on_a_gpu_node_reads_pages_of_every_node_warm(
         assert warm["channel_pages"] >= sum(o != f"worker-{here}" for o in [
             names[hashing.owner(page_requests(object_of(s3fs_direct, s3fs_direct.info(p), "s3", p),
                                               0, 1, PAGE_SIZE)[0].key.digest, names)] for p in paths])
+
+
+def _until(done, every_s: float = 0.2, within_s: float = 60.0) -> bool:
+    """Poll ``done()`` until it is true or ``within_s`` has passed; whether it became true.
+    For what Ray does asynchronously: objects are freed some time after their last
+    reference is gone."""
+    deadline = time.monotonic() + within_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every_s)
+    return True
 
 
 def _warm_copies(s3fs_direct, s3fs_proxied, proxy, prefix, files=6):
@@ -495,8 +505,6 @@ def test_a_read_while_the_last_dataset_lives_shares_its_copies(
     dataset over the same units lives: the new dataset is over the very same blocks (no copy
     made, one set held); an object changed since is read anew (never the old rows); once every
     dataset over the copies is dropped, a read copies anew."""
-    import gc
-
     from ray_cache.readers import nodecopies
 
     fresh_cache(tmp_path)
@@ -531,9 +539,6 @@ def test_copies_of_a_dataset_still_alive_count_against_the_room(
     with the last dataset's copies still alive, a read of other units (here all files but
     one: nothing to share) whose copies would not fit beside them makes none (read tasks
     instead: no spilling); once the first dataset is dropped, it does."""
-    import gc
-    import time
-
     from ray.data.dataset import MaterializedDataset
 
     from ray_cache.readers import nodecopies
@@ -555,12 +560,12 @@ def test_copies_of_a_dataset_still_alive_count_against_the_room(
     # node's store holds about what it must: its worker's memory tier and its copies.
     gc.collect()
     tier = {w["node_id"]: int(w["memory_bytes_used"]) for w in ray_cache.status().workers}
-    where = [ray.experimental.get_object_locations([ref])[ref]["node_ids"] for ref in refs]
+    locations = ray.experimental.get_object_locations(refs)  # keyed by the refs: dropped below
+    where = [locations[ref]["node_ids"] for ref in refs]
+    del locations
     must = {n: tier.get(n, 0) + sum(size for nodes, size in zip(where, sizes) if n in nodes)
             for n in gpu_node_ids()}
-    deadline = time.monotonic() + 60
-    while any(node_store_used(n) > must[n] + copies // 4 for n in must) and time.monotonic() < deadline:
-        time.sleep(0.2)  # Ray frees objects asynchronously once their last reference is gone
+    _until(lambda: all(node_store_used(n) <= must[n] + copies // 4 for n in must))
     held = in_use()
     capacity = 256 << 20  # conftest.NODE's object store
     monkeypatch.setattr(nodecopies, "COPY_FRACTION", (held + copies // 2) / capacity)
@@ -568,9 +573,7 @@ def test_copies_of_a_dataset_still_alive_count_against_the_room(
         "no second copies beside the first: read tasks")
     del ds, refs
     gc.collect()
-    deadline = time.monotonic() + 60
-    while in_use() > held - copies // 2 and time.monotonic() < deadline:
-        time.sleep(0.2)  # Ray frees objects asynchronously once their last reference is gone
+    _until(lambda: in_use() <= held - copies // 2)
     ds = ray_cache.read_parquet(subset, filesystem=s3fs_proxied)
     assert isinstance(ds, MaterializedDataset), "the first dropped: copies again"
     assert read_all(ds).equals(expected_rows(s3fs_direct, paths[:-1]))
@@ -583,9 +586,6 @@ def test_copies_are_freed_with_the_dataset(gpu_nodes, tmp_path, s3fs_direct, s3f
     (one seen: Ray Data's usage callback holding the logical plan), Ray's own too (an
     iterated ``from_arrow_refs`` dataset's 80 MB stayed until ``gc.collect()``): only the
     collector frees them (``gc.collect()`` here)."""
-    import gc
-    import time
-
     from ray._private import state
     from ray._private.internal_api import get_memory_info_reply
 
@@ -598,7 +598,5 @@ def test_copies_are_freed_with_the_dataset(gpu_nodes, tmp_path, s3fs_direct, s3f
     held = store_bytes()
     del ds, refs
     gc.collect()
-    deadline = time.monotonic() + 60
-    while store_bytes() > held - 0.9 * copies and time.monotonic() < deadline:
-        time.sleep(0.2)  # Ray frees objects asynchronously once their last reference is gone
+    _until(lambda: store_bytes() <= held - 0.9 * copies)
     assert store_bytes() <= held - 0.9 * copies, "dropping the dataset frees its copies"
